@@ -1,0 +1,41 @@
+"""Verification scores against their textbook definitions."""
+import torch
+from hypothesis import given, settings, strategies as st
+
+from assim import metrics
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(2, 12), n=st.integers(1, 20), seed=st.integers(0, 10_000))
+def test_fair_crps_matches_pairwise_definition(m, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    ens = torch.randn(m, 1, n, generator=g, dtype=torch.float64)
+    truth = torch.randn(1, n, generator=g, dtype=torch.float64)
+    skill = (ens - truth).abs().mean(0)
+    pairs = (ens[:, None] - ens[None, :]).abs().sum((0, 1)) / (2 * m * (m - 1))
+    assert torch.allclose(metrics.crps_fair(ens, truth), (skill - pairs).mean(), atol=1e-12)
+
+
+def test_crps_of_a_point_ensemble_is_absolute_error_and_fair_crps_is_unbiased():
+    truth = torch.zeros(1, 5, dtype=torch.float64)
+    ens = torch.full((4, 1, 5), 2.0, dtype=torch.float64)
+    assert torch.isclose(metrics.crps_fair(ens, truth), torch.tensor(2.0, dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+    # members and truth from the same N(0,1): the fair CRPS expectation is 1/sqrt(pi), for any M.
+    for m in (2, 5):
+        vals = torch.stack([metrics.crps_fair(torch.randn(m, 1, 2000, generator=g, dtype=torch.float64),
+                                              torch.randn(1, 2000, generator=g, dtype=torch.float64))
+                            for _ in range(20)])
+        assert abs(float(vals.mean()) - 1 / torch.pi ** 0.5) < 0.02
+
+
+def test_rmse_spread_and_rank_histogram():
+    ens = torch.tensor([[[0.0, 2.0]], [[2.0, 4.0]]], dtype=torch.float64)
+    truth = torch.tensor([[0.0, 0.0]], dtype=torch.float64)
+    assert torch.isclose(metrics.rmse(ens.mean(0), truth), torch.tensor((1 + 9) / 2, dtype=torch.float64).sqrt())
+    assert torch.isclose(metrics.spread(ens), torch.tensor(2.0, dtype=torch.float64).sqrt())
+    ranks = metrics.truth_rank(ens, truth)
+    hist = metrics.rank_histogram(ranks, 2)
+    assert hist.tolist() == [2, 0, 0]
+    w = torch.tensor([[0.25, 0.75]], dtype=torch.float64)
+    assert torch.isclose(metrics.rmse(ens.mean(0), truth, w), torch.tensor(0.25 * 1 + 0.75 * 9, dtype=torch.float64).sqrt())

@@ -1,0 +1,101 @@
+"""The `twin` command: run, validate, plot.
+
+Exit codes: 0 ok, 2 user error (one line on stderr, no traceback), 1 internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from twin.config import ConfigError
+from twin.io import DatasetError, RestartError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DatasetError, RestartError, FileNotFoundError)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's usage errors are user errors: exit 2, one line
+        raise SystemExit(_fail(f"twin: {message}"))
+
+
+def _fail(line: str) -> int:
+    print(f"error: {line}", file=sys.stderr)
+    return 2
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from twin.runner import run_case, summary_table
+
+    summary = run_case(args.case, tuple(args.set), args.out, args.overwrite, args.quiet)
+    if _is_root():
+        print(summary_table(summary))
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from twin.config import load_case
+
+    case = load_case(args.case, tuple(args.set))
+    print(f"{args.case}: ok ({case.name}: {case.model.kind}, {case.method}, {case.run.cycles} cycles)")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from twin.plots import plot_run
+
+    folder = Path(args.dir)
+    if not (folder / "analysis.nc").is_file():
+        raise FileNotFoundError(f"{folder}: no analysis.nc (is this a twin run folder?)")
+    for p in plot_run(folder):
+        print(p)
+    return 0
+
+
+def _is_root() -> bool:
+    if "mpi4py" not in sys.modules:
+        return True
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.Get_rank() == 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="twin", description="EarthTwin: Earth-system digital twins.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="run a case file")
+    run.add_argument("case", help="case YAML file")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (dotted path)")
+    run.add_argument("--out", help="output folder (wins over run.out)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=_cmd_run)
+    val = sub.add_parser("validate", help="check a case file")
+    val.add_argument("case")
+    val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    val.set_defaults(func=_cmd_validate)
+    plot = sub.add_parser("plot", help="(re)draw the figures of a run folder")
+    plot.add_argument("dir")
+    plot.set_defaults(func=_cmd_plot)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (also used in-process by the tests)."""
+    from twin.runner import UserError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+    except (*USER_ERRORS, UserError) as e:
+        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except KeyboardInterrupt:
+        return _fail("interrupted")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""Case files: strict YAML → typed, frozen dataclasses.
+
+Unknown keys, wrong types and bad values raise `ConfigError` naming the file and the dotted key path.
+Model and stage sections are parsed into the `Config` dataclass of the registered class their
+`kind`/`method` names, so user-registered models and filters get the same strict checking.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from assim.registry import operator_registry, stage_registry
+from emulators.registry import model_registry
+
+
+class ConfigError(Exception):
+    """A user error in a case file: `file: key: message`."""
+
+    def __init__(self, file: str, key: str, message: str) -> None:
+        self.file, self.key, self.message = file, key, message
+        super().__init__(f"{file}: {key}: {message}" if key else f"{file}: {message}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    kind: str
+    config: Any
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    method: str
+    config: Any
+
+
+@dataclass(frozen=True)
+class TruthConfig:
+    seed: int = field(default=1, metadata={"help": "seed of the truth run's initial perturbation"})
+    spinup_steps: int = field(default=1000, metadata={"min": 0, "help": "model steps discarded before cycle 0"})
+
+
+@dataclass(frozen=True)
+class ObservationsConfig:
+    operator: str = field(default="identity", metadata={"help": "observation operator (registry name)"})
+    every: int = field(default=1, metadata={"min": 1, "help": "model steps per assimilation cycle"})
+    error_std: float = field(default=1.0, metadata={"gt": 0, "help": "observation error standard deviation"})
+    fraction: float = field(default=1.0, metadata={"gt": 0, "max": 1, "help": "fraction of the state observed"})
+    seed: int = field(default=3, metadata={"help": "seed of the observation noise and selection"})
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    size: int = field(default=20, metadata={"min": 2, "help": "number of members"})
+    init_spread: float = field(default=1.0, metadata={"min": 0, "help": "std of the initial perturbations"})
+    seed: int = field(default=2, metadata={"help": "seed of the initial ensemble and the filters"})
+
+
+@dataclass(frozen=True)
+class AssimilationConfig:
+    stages: tuple[StageSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    cycles: int = field(default=100, metadata={"min": 1, "help": "number of analyses"})
+    burn_in: int = field(default=0, metadata={"min": 0, "help": "analyses left out of the averages"})
+    out: str = field(default="", metadata={"help": "output folder (default out/<name>)"})
+    start: str = field(default="2000-01-01", metadata={"help": "time origin, proleptic Gregorian"})
+    dtype: Literal["float64", "float32"] = field(default="float64", metadata={"help": "floating precision"})
+    threads: int = field(default=1, metadata={"min": 1, "help": "torch threads per process"})
+    device: Literal["cpu"] = field(default="cpu", metadata={"help": "torch device"})
+    restart_every: int = field(default=0, metadata={"min": 0, "help": "cycles between restarts (0: at the end)"})
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    every: int = field(default=1, metadata={"min": 1, "help": "write every k-th cycle"})
+    members: Literal["all", "mean"] = field(default="all", metadata={"help": "write all members or mean+spread"})
+    figures: bool = field(default=True, metadata={"help": "write figures/*.png"})
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    decomposition: Literal["auto", "serial"] = field(default="auto", metadata={"help": "rank layout"})
+
+
+@dataclass(frozen=True)
+class CaseConfig:
+    name: str
+    model: ModelSpec
+    truth: TruthConfig = TruthConfig()
+    observations: ObservationsConfig = ObservationsConfig()
+    ensemble: EnsembleConfig = EnsembleConfig()
+    assimilation: AssimilationConfig = AssimilationConfig()
+    run: RunConfig = RunConfig()
+    output: OutputConfig = OutputConfig()
+    domain: DomainConfig = DomainConfig()
+
+    @property
+    def method(self) -> str:
+        return "+".join(s.method for s in self.assimilation.stages) or "none"
+
+
+# ---------------------------------------------------------------- strict parsing
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _coerce(tp: Any, value: Any, key: str, file: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key, file)
+            except ConfigError as e:
+                errors.append(e.message)
+        raise ConfigError(file, key, " or ".join(errors))
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(file, key, f"must be one of {', '.join(map(str, choices))} (got {value!r})")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise ConfigError(file, key, f"expected a list (got {type(value).__name__})")
+        (item,) = typing.get_args(tp)[:1]
+        return tuple(_coerce(item, v, f"{key}.{i}", file) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return parse_dataclass(tp, value, key, file)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(file, key, f"expected true or false (got {value!r})")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(file, key, f"expected an integer (got {value!r})")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(file, key, f"expected a number (got {value!r})")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(file, key, f"must be finite (got {value!r})")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(file, key, f"expected a string (got {value!r})")
+        return value
+    raise ConfigError(file, key, f"unsupported type {tp}")
+
+
+def _check_bounds(f: dataclasses.Field, value: Any, key: str, file: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    meta = f.metadata
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(file, key, f"must be >= {meta['min']} (got {value})")
+    if "gt" in meta and value <= meta["gt"]:
+        raise ConfigError(file, key, f"must be > {meta['gt']} (got {value})")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(file, key, f"must be <= {meta['max']} (got {value})")
+
+
+def parse_dataclass(cls: type, data: Any, key: str, file: str) -> Any:
+    """Build dataclass `cls` from a YAML mapping, rejecting unknown keys and bad values."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(file, key, f"expected a mapping (got {type(data).__name__})")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            where = f"{key}.{k}" if key else str(k)
+            raise ConfigError(file, where, f"unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        sub = f"{key}.{f.name}" if key else f.name
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(file, sub, "missing required key")
+            continue
+        value = _coerce(hints[f.name], data[f.name], sub, file)
+        _check_bounds(f, value, sub, file)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _parse_registered(data: Any, key: str, file: str, tag: str, registry: dict[str, type]) -> tuple[str, Any]:
+    if not isinstance(data, dict):
+        raise ConfigError(file, key, f"expected a mapping with `{tag}` (got {type(data).__name__})")
+    body = dict(data)
+    name = body.pop(tag, None)
+    if not isinstance(name, str):
+        raise ConfigError(file, f"{key}.{tag}", f"missing or not a string (one of: {', '.join(sorted(registry))})")
+    if name not in registry:
+        raise ConfigError(file, f"{key}.{tag}", f"unknown {tag} {name!r} (one of: {', '.join(sorted(registry))})")
+    return name, parse_dataclass(registry[name].Config, body, key, file)
+
+
+def _parse_case(raw: Any, file: str) -> CaseConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(file, "", "a case file must be a YAML mapping")
+    raw = dict(raw)
+    model = raw.pop("model", None)
+    if model is None:
+        raise ConfigError(file, "model", "missing required key")
+    assimilation = raw.pop("assimilation", None) or {}
+    if not isinstance(assimilation, dict):
+        raise ConfigError(file, "assimilation", "expected a mapping")
+    assimilation = dict(assimilation)
+    stages_raw = assimilation.pop("stages", [])
+    if assimilation:
+        raise ConfigError(file, f"assimilation.{next(iter(assimilation))}", "unknown key (known: stages)")
+    if not isinstance(stages_raw, list):
+        raise ConfigError(file, "assimilation.stages", "expected a list of stages")
+    stages = []
+    for i, s in enumerate(stages_raw):
+        method, cfg = _parse_registered(s, f"assimilation.stages.{i}", file, "method", stage_registry)
+        stages.append(StageSpec(method, cfg))
+    kind, model_cfg = _parse_registered(model, "model", file, "kind", model_registry)
+    hints = typing.get_type_hints(CaseConfig)
+    simple = {f.name for f in dataclasses.fields(CaseConfig)} - {"model", "assimilation"}
+    kwargs: dict[str, Any] = {}
+    for k, v in raw.items():
+        if k not in simple:
+            known = ", ".join(sorted(simple | {"model", "assimilation"}))
+            raise ConfigError(file, str(k), f"unknown key (known: {known})")
+        kwargs[k] = _coerce(hints[k], v, k, file)
+    if "name" not in kwargs:
+        raise ConfigError(file, "name", "missing required key")
+    case = CaseConfig(model=ModelSpec(kind, model_cfg), assimilation=AssimilationConfig(tuple(stages)), **kwargs)
+    _validate(case, file)
+    return case
+
+
+def _validate(case: CaseConfig, file: str) -> None:
+    """Cross-field checks and the registered classes' own validation."""
+    if case.run.burn_in >= case.run.cycles:
+        raise ConfigError(file, "run.burn_in", f"must be < run.cycles ({case.run.cycles})")
+    if case.observations.operator not in operator_registry:
+        raise ConfigError(file, "observations.operator",
+                          f"unknown operator {case.observations.operator!r} (one of: {', '.join(sorted(operator_registry))})")
+    for i, spec in enumerate(case.assimilation.stages):
+        try:
+            stage_registry[spec.method](spec.config)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(file, f"assimilation.stages.{i}", str(e)) from None
+    try:
+        validate_model = getattr(model_registry[case.model.kind], "validate", None)
+        if validate_model is not None:
+            validate_model(case.model.config)
+    except ValueError as e:
+        raise ConfigError(file, "model", str(e)) from None
+
+
+# ---------------------------------------------------------------- overrides and loading
+
+
+def apply_override(raw: dict, assignment: str, file: str) -> None:
+    """Apply one `a.b.0.c=value` override (value parsed as YAML) to the raw mapping in place."""
+    if "=" not in assignment:
+        raise ConfigError(file, assignment, "an override must look like key.path=value")
+    path, text = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(file, path, f"override value is not valid YAML: {e}".splitlines()[0]) from None
+    keys = path.split(".")
+    node: Any = raw
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        where = ".".join(keys[: i + 1])
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise ConfigError(file, where, f"no list item {k} (the list has {len(node)})")
+            if last:
+                node[int(k)] = value
+            else:
+                node = node[int(k)]
+        elif isinstance(node, dict):
+            if last:
+                node[k] = value
+            else:
+                node = node.setdefault(k, {})
+        else:
+            raise ConfigError(file, where, "cannot set a key inside a scalar")
+
+
+def read_yaml(path: str | Path) -> Any:
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(file, "", "no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(file, "", f"cannot read: {e.__class__.__name__}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(file, "", f"invalid YAML: {where}{problem}") from None
+
+
+def load_case(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> CaseConfig:
+    """Read, override and strictly validate a case file."""
+    file = str(path)
+    raw = read_yaml(path)
+    if raw is None:
+        raise ConfigError(file, "", "the case file is empty")
+    raw = copy.deepcopy(raw)
+    if isinstance(raw, dict):
+        for o in overrides:
+            apply_override(raw, o, file)
+    return _parse_case(raw, file)
+
+
+def case_to_dict(case: CaseConfig) -> dict:
+    """The resolved case as plain YAML-able data (model and stage configs flattened back)."""
+
+    def plain(obj: Any) -> Any:
+        if isinstance(obj, ModelSpec):
+            return {"kind": obj.kind, **plain(obj.config)}
+        if isinstance(obj, StageSpec):
+            return {"method": obj.method, **plain(obj.config)}
+        if dataclasses.is_dataclass(obj):
+            return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        if isinstance(obj, tuple):
+            return [plain(v) for v in obj]
+        return obj
+
+    return plain(case)

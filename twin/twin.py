@@ -1,0 +1,169 @@
+"""The Twin: composes a model, a domain, observation sources and assimilation stages.
+
+It has no numerics of its own. Each cycle k: observations at t_k, the stages turn the prior
+(background) ensemble into the analysis, the recorder scores it, the model forecasts `every` steps.
+"""
+from __future__ import annotations
+
+import time as _time
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+import xarray as xr
+
+from assim.observations import ObservationBatch
+from assim.registry import stage_registry
+from assim.stages import AnalysisContext
+from assim.synthetic import SyntheticObserver
+from emulators.registry import model_registry
+from twin.config import CaseConfig, load_case
+from twin.domain import make_domain
+from twin.random import Streams
+from twin.record import RunRecorder
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+class Twin:
+    """A digital twin built from a case: `Twin.from_yaml(path).run(cycles)`."""
+
+    def __init__(self, case: CaseConfig) -> None:
+        torch.set_num_threads(case.run.threads)
+        self.case = case
+        self.dtype = DTYPES[case.run.dtype]
+        model_cls = model_registry[case.model.kind]
+        self.grid = model_cls.global_grid(case.model.config)
+        self.domain = make_domain(self.grid, case.domain.decomposition)
+        self.model = model_cls(case.model.config, self.domain, self.dtype)
+        self.truth_model = self.model
+        self.stages = [stage_registry[s.method](s.config) for s in case.assimilation.stages]
+        self.ensemble_streams = Streams(case.ensemble.seed)
+        self.observer = SyntheticObserver(
+            self.grid, len(self.model.variables), case.observations.operator, case.observations.error_std,
+            case.observations.fraction, Streams(case.observations.seed), self.dtype)
+        self.recorder = RunRecorder(members=case.ensemble.size, output_every=case.output.every,
+                                    keep_members=case.output.members == "all", burn_in=case.run.burn_in)
+        self.cycle = 0
+        self.time = 0.0
+        self.truth = self._spun_up_truth()
+        self.ensemble = self._initial_ensemble()
+        self.loop_seconds = 0.0
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Iterable[str] = ()) -> "Twin":
+        return cls(load_case(path, tuple(overrides)))
+
+    # ------------------------------------------------------------ set-up
+
+    def _local_normals(self, streams: Streams, purpose: str, keys: tuple[int, ...], members: int) -> torch.Tensor:
+        return streams.field_normal(purpose, keys, members, len(self.model.variables),
+                                    self.domain.local_flat_indices(), self.domain.local_shape, self.dtype)
+
+    def _spun_up_truth(self) -> torch.Tensor:
+        """Truth at cycle 0: a perturbed rest state spun up for `truth.spinup_steps` steps."""
+        cfg = self.case.model.config
+        base = float(getattr(cfg, "forcing", 0.0))
+        x = base + self._local_normals(Streams(self.case.truth.seed), "truth", (0,), 1)
+        for _ in range(self.case.truth.spinup_steps):
+            x = self.truth_model.step(x, 0.0)
+        return x[0]
+
+    def _initial_ensemble(self) -> torch.Tensor:
+        """Members = truth + init_spread · N(0, 1), keyed by member and global grid index."""
+        noise = self._local_normals(self.ensemble_streams, "init", (0,), self.case.ensemble.size)
+        return self.truth.unsqueeze(0) + self.case.ensemble.init_spread * noise
+
+    # ------------------------------------------------------------ the cycle
+
+    @property
+    def steps_per_cycle(self) -> int:
+        return self.case.observations.every
+
+    def observe(self) -> ObservationBatch:
+        """Synthetic observations of the truth at the current cycle."""
+        return self.observer.observe(self.truth, self.cycle, self.time)
+
+    def assimilate(self, obs: ObservationBatch | None = None) -> torch.Tensor:
+        """Run the stages on the current (prior) ensemble; record and return the analysis."""
+        if obs is None:
+            obs = self.observe()
+        prior = self.ensemble
+        ens = prior
+        ctx = AnalysisContext(self.grid, self.domain, self.ensemble_streams, self.cycle)
+        for stage in self.stages:
+            ens = stage(ens, obs, ctx)
+        self.ensemble = ens
+        self.recorder.record(self.cycle, self.time, prior, ens, self.truth, obs)
+        return ens
+
+    def forecast(self) -> torch.Tensor:
+        """Advance ensemble and truth to the next cycle (batched together when they share a model)."""
+        both = self.truth_model is self.model
+        x = torch.cat([self.ensemble, self.truth.unsqueeze(0)]) if both else self.ensemble
+        for i in range(self.steps_per_cycle):
+            t = self.time + i * self.model.dt
+            x = self.model.step(x, t)
+            if not both:
+                self.truth = self.truth_model.step(self.truth.unsqueeze(0), t)[0]
+        if both:
+            self.ensemble, self.truth = x[:-1], x[-1]
+        else:
+            self.ensemble = x
+        self.cycle += 1
+        self.time += self.steps_per_cycle * self.model.dt
+        return self.ensemble
+
+    def step(self, obs: ObservationBatch | None = None) -> torch.Tensor:
+        """One cycle: assimilate then forecast."""
+        self.assimilate(obs)
+        return self.forecast()
+
+    def run(self, cycles: int | None = None, progress: bool = False) -> dict:
+        """Run `cycles` cycles (default: the case's remaining ones) and return the summary metrics."""
+        n = self.case.run.cycles - self.cycle if cycles is None else cycles
+        bar = None
+        if progress and self.domain.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n, desc=self.case.name, unit="cycle", leave=False)
+        start = _time.perf_counter()
+        for _ in range(n):
+            self.step()
+            if bar is not None:
+                bar.update()
+        self.loop_seconds += _time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+        return self.summary()
+
+    def summary(self) -> dict:
+        """Metrics averaged after burn-in, the run's shape and its speed."""
+        out = {
+            "case": self.case.name,
+            "method": self.case.method,
+            "members": self.case.ensemble.size,
+            "cycles": self.cycle,
+            "burn_in": self.case.run.burn_in,
+            **self.recorder.summary(),
+            "cycles_per_second": self.cycle / self.loop_seconds if self.loop_seconds > 0 else None,
+            "ranks": self.domain.size,
+        }
+        return out
+
+    # ------------------------------------------------------------ user-facing state
+
+    @property
+    def state(self) -> xr.Dataset:
+        """The current ensemble as an xarray Dataset (member, *grid) per variable (serial or rank 0)."""
+        full = self.domain.gather(self.ensemble)
+        if full is None:
+            raise RuntimeError("Twin.state is available on rank 0 only")
+        arr = full.detach().cpu().numpy()
+        coords = {"member": np.arange(arr.shape[0])}
+        for axis, dim in enumerate(self.grid.dims):
+            coords[dim] = self.grid.axis_values(axis)
+        data = {v.name: (("member",) + self.grid.dims, arr[:, i], {"units": v.units, "long_name": v.long_name})
+                for i, v in enumerate(self.model.variables)}
+        return xr.Dataset(data, coords=coords, attrs={"model_time": self.time, "cycle": self.cycle})
