@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CASE ?= cases/lorenz96_letkf.yaml
 
-.PHONY: install run test test-serial test-mpi bench-dapper clean
+.PHONY: install run test test-serial test-mpi bench-dapper clean docs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,3 +34,6 @@ bench-dapper:
 
 clean:
 	rm -rf $(VENV) out build *.egg-info
+
+docs: $(STAMP)
+	$(PY) -m twin.docs README.md

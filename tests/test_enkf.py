@@ -138,7 +138,6 @@ def test_pertobs_converges_to_the_exact_kalman_mean() -> None:
             out = analyse(Enkf.Config(variant="pertobs"), ens, op, sigma, y, grid, cycle=rep)
             errs.append(np.sqrt(np.mean((out.mean(0).reshape(-1).numpy() - exact) ** 2)))
         errors[n_members] = float(np.mean(errs))
-    print(errors)
     assert errors[2000] < 0.35 * errors[50]
     assert errors[2000] < 0.06
 

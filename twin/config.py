@@ -346,3 +346,27 @@ def case_to_dict(case: CaseConfig) -> dict:
         return obj
 
     return plain(case)
+
+
+def keys_table() -> str:
+    """Markdown tables of every case key with type, default and help, generated from the dataclasses."""
+
+    def rows(cls: type, prefix: str) -> list[str]:
+        hints = typing.get_type_hints(cls)
+        out = []
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else "required"
+            tp = str(hints[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            out.append(f"| `{prefix}{f.name}` | {tp} | `{default}` | {f.metadata.get('help', '')} |")
+        return out
+
+    head = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    sections = [("Case", [f"| `name` | str | required | case name (summary.json `case`) |"])]
+    for f in dataclasses.fields(CaseConfig):
+        if dataclasses.is_dataclass(f.default) and f.name != "assimilation":
+            sections.append((f"`{f.name}`", rows(type(f.default), f"{f.name}.")))
+    for name, cls in sorted(model_registry.items()):
+        sections.append((f"model `kind: {name}`", rows(cls.Config, "model.")))
+    for name, cls in sorted(stage_registry.items()):
+        sections.append((f"stage `method: {name}`", rows(cls.Config, "")))
+    return "\n\n".join(f"#### {title}\n\n" + "\n".join(head + body) for title, body in sections)
