@@ -69,7 +69,8 @@ class Enkf:
 
     @dataclass(frozen=True)
     class Config:
-        variant: str = field(default="sqrt", metadata={"help": "pertobs (perturbed observations) or sqrt (ETKF)"})
+        variant: str = field(default="sqrt", metadata={
+            "help": "pertobs (perturbed observations) or sqrt (symmetric square root, ETKF)"})
         inflation: float = field(default=1.0, metadata={
             "help": "multiplies the analysis anomalies after the update (DAPPER's infl)"})
         rotation: bool = field(default=False, metadata={
@@ -97,4 +98,5 @@ class Enkf:
                                   rtps=cfg.rtps, rtpp=cfg.rtpp)
         pert = observation_perturbations(ctx.streams, ctx.cycle, n_members, obs.ids, obs.error_std, ens.dtype)
         analysis = pertobs_analysis(ens, hx, obs.values, obs.error_std, pert)
-        return post_process(analysis, ens, inflation=cfg.inflation, rotation=rot, rtpp=cfg.rtpp, rtps=cfg.rtps)
+        return post_process(analysis, ens, inflation=cfg.inflation, rotation=rot, rtpp=cfg.rtpp,
+                            rtps=cfg.rtps)

@@ -46,8 +46,6 @@ def _cached(kind: str, n_members: int, dtype: torch.dtype, device: str) -> torch
         out[: n - 1, :n] = b.T
         out[n - 1, :n] = -1.0 / n
         out[n - 1, n] = 1.0
-    elif kind == "eye":
-        out = np.eye(n - 1)
     else:
         raise KeyError(kind)
     return torch.as_tensor(out, dtype=dtype, device=device)
@@ -69,12 +67,6 @@ def observation_projector(n_members: int, dtype: torch.dtype = torch.float64,
                           device: torch.device | str = "cpu") -> torch.Tensor:
     """Q (N, N+1) with Q @ [HX; y] = [Y'; y - mean(HX)]: reduced obs anomalies and innovation."""
     return _cached("obs_projector", n_members, dtype, str(device))
-
-
-def reduced_eye(n_members: int, dtype: torch.dtype = torch.float64,
-                device: torch.device | str = "cpu") -> torch.Tensor:
-    """The (N-1, N-1) identity (cached)."""
-    return _cached("eye", n_members, dtype, str(device))
 
 
 ROTATION_BLOCK = 64  # cycles whose rotations are drawn together (one stream, one batched QR)
@@ -109,24 +101,24 @@ def member_rotation(reduced: torch.Tensor) -> torch.Tensor:
     return b @ reduced @ b.t() + 1.0 / n
 
 
-def recombination(n_members: int, inflation: float, rotation: torch.Tensor | None,
-                  dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(N, N) matrix [1 | s B Q'] that maps reduced rows [δx̄; A'_a] back to members.
+def anomaly_map(n_members: int, inflation: float, rotation: torch.Tensor | None,
+                dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(N, N) matrix [s B Q' | 1] taking [A'_a; δx̄] (reduced analysis anomalies, then the mean
+    increment) to member space: E = 1 x̄ᵀ + [s B Q' | 1] [A'_a; δx̄].
 
-    E = x̄ + [1 | s B Q'] @ [δx̄; A'_a]: inflation s and rotation Q' folded into one matmul.
+    Inflation s and rotation Q' are folded into the one matmul that returns to members anyway.
     """
+    scaled = _scaled_basis(n_members, float(inflation), dtype, str(device))
     if rotation is None:
-        return _recombination_cached(n_members, float(inflation), dtype, str(device))
-    b = ensemble_basis(n_members, dtype, device)
-    ones = torch.ones((n_members, 1), dtype=dtype, device=device)
-    return torch.cat([ones, (b * inflation) @ rotation.to(dtype=dtype, device=device)], dim=1)
+        return scaled
+    rotated = scaled[:, :-1] @ rotation.to(dtype=dtype, device=device)
+    return torch.cat([rotated, scaled[:, -1:]], dim=1)
 
 
 @functools.lru_cache(maxsize=32)
-def _recombination_cached(n_members: int, inflation: float, dtype: torch.dtype, device: str) -> torch.Tensor:
-    out = np.empty((n_members, n_members))
-    out[:, 0] = 1.0
-    out[:, 1:] = inflation * _helmert(n_members)
+def _scaled_basis(n_members: int, inflation: float, dtype: torch.dtype, device: str) -> torch.Tensor:
+    out = np.ones((n_members, n_members))
+    out[:, :-1] = inflation * _helmert(n_members)
     return torch.as_tensor(out, dtype=dtype, device=device)
 
 
@@ -161,8 +153,8 @@ def post_process(analysis: torch.Tensor, prior: torch.Tensor, *, inflation: floa
     anom = red_a[1:]
     if rtpp or rtps:
         anom = relax(anom, (p[1:] @ prior.reshape(n, -1)), rtpp, rtps)
-    mix = recombination(n, inflation, rotation, analysis.dtype, analysis.device)
-    return torch.addmm(red_a[:1], mix[:, 1:], anom).reshape(analysis.shape)
+    mix = anomaly_map(n, inflation, rotation, analysis.dtype, analysis.device)
+    return torch.addmm(red_a[:1], mix[:, :-1], anom).reshape(analysis.shape)
 
 
 def check_config(name: str, *, inflation: float | None = None, prior_inflation: float | None = None,

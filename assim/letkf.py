@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from assim.inflation import (check_config, ensemble_projector, observation_projector, recombination,
+from assim.inflation import (check_config, ensemble_projector, observation_projector, anomaly_map,
                              relax, rotation_draw)
 from assim.localization import taper_matrix
 from assim.observations import ObservationBatch
@@ -76,36 +76,31 @@ def letkf_analysis(ens: torch.Tensor, hx: torch.Tensor, y: torch.Tensor, precisi
     red = ensemble_projector(n_members, ens.dtype, ens.device) @ flat  # [x̄; A'], (N, X)
     anom = red[1:]
     d, v, b = ensemble_space(hx, y, precision, prior_inflation)
+    # out: (N, X), rows A'_a / sqrt(n) (the reduced analysis anomalies) and, last, the mean increment
     if groups == 1:  # global: one weight set, plain matrix products
         v0, d0 = v[0], d[0]
-        mean_inc = (v0 @ ((b[:, 0] @ v0) / d0)) @ anom
-        out = ((v0 * d0.rsqrt()) @ v0.t()) @ anom
+        w = v0 @ ((b[:, 0] @ v0) / d0)  # w̄' = P̃ b
+        out = torch.cat([(v0 * d0.rsqrt()) @ v0.t(), w[None]]) @ anom
     else:
         npoints = flat.shape[1] // ens.shape[1]
         if groups != npoints:
             raise ValueError(f"precision has {groups} rows for {npoints} grid points")
-        # per point g: q = diag(d^-1/2) Vᵀ [A' | b]; δx̄ = q_bᵀ q_A; A'_a = sqrt(n) V q_A
-        vt = v.permute(1, 2, 0).contiguous()  # (k, j, g)
+        # per point g: q = diag(d^-1/2) Vᵀ [A' | b], then [V; q_bᵀ] q_A = [A'_a / sqrt(n); δx̄]
+        vp = v.permute(1, 2, 0).contiguous()  # (k, j, g); contiguous g makes the products fast
         aug = torch.cat([anom.view(n, -1, groups), b.unsqueeze(1)], dim=1)  # (k, V+1, g)
         big = n * n * aug.shape[1] * groups > _SMALL
-        if big:
-            q = torch.einsum("kjg,kvg->jvg", vt, aug)
-        else:
-            q = (vt.unsqueeze(2) * aug.unsqueeze(1)).sum(0)
+        q = torch.einsum("kjg,kvg->jvg", vp, aug) if big else (vp.unsqueeze(2) * aug.unsqueeze(1)).sum(0)
         q.mul_(d.t().rsqrt().unsqueeze(1))
-        qa, qb = q[:, :-1], q[:, -1:]
-        mean_inc = (qa * qb).sum(0).view(-1)
-        if big:
-            out = torch.einsum("ljg,jvg->lvg", vt, qa)
-        else:
-            out = (vt.unsqueeze(2) * qa.unsqueeze(0)).sum(1)
-        out = out.view(n, -1)
+        lhs = torch.cat([vp, q[:, -1:].permute(1, 0, 2)])  # (N, n, g)
+        qa = q[:, :-1]
+        out = torch.einsum("ljg,jvg->lvg", lhs, qa) if big else (lhs.unsqueeze(2) * qa.unsqueeze(0)).sum(1)
+        out = out.reshape(n_members, -1)
     scale = inflation * math.sqrt(n)
     if rtpp or rtps:
-        out = relax(out * math.sqrt(n), anom, rtpp, rtps)
+        out = torch.cat([relax(out[:n] * math.sqrt(n), anom, rtpp, rtps), out[n:]])
         scale = inflation
-    mix = recombination(n_members, scale, rotation, ens.dtype, ens.device)
-    return torch.addmm(red[:1] + mean_inc, mix[:, 1:], out).reshape(ens.shape)
+    mix = anomaly_map(n_members, scale, rotation, ens.dtype, ens.device)
+    return torch.addmm(red[:1], mix, out).reshape(ens.shape)
 
 
 @register_stage("letkf")
@@ -132,7 +127,7 @@ class Letkf:
         if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < math.inf):
             raise ValueError(f"letkf: localization_radius must be a positive number or null, got {r!r}")
         self.config = config
-        self._cache: tuple | None = None  # (grid, local indices, locations, error_std, dtype, precision)
+        self._cache: tuple | None = None  # (grid, domain, locations, error_std, dtype, precision)
 
     def precision(self, obs: ObservationBatch, ctx: AnalysisContext, dtype: torch.dtype,
                   device: torch.device) -> torch.Tensor:

@@ -25,7 +25,8 @@ def gaspari_cohn(z: torch.Tensor) -> torch.Tensor:
     z = z.abs()
     inner = 1.0 + z * z * (-5.0 / 3.0 + z * (5.0 / 8.0 + z * (0.5 - 0.25 * z)))
     zo = z.clamp(1.0, 2.0)  # keeps 2/(3z) finite where the outer branch is not used
-    outer = 4.0 + zo * (-5.0 + zo * (5.0 / 3.0 + zo * (5.0 / 8.0 + zo * (-0.5 + zo / 12.0)))) - 2.0 / (3.0 * zo)
+    outer = (4.0 + zo * (-5.0 + zo * (5.0 / 3.0 + zo * (5.0 / 8.0 + zo * (-0.5 + zo / 12.0))))
+             - 2.0 / (3.0 * zo))
     out = torch.where(z <= 1.0, inner, outer)
     return torch.where(z < 2.0, out, torch.zeros_like(out))
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from assim.enkf import Enkf, observation_perturbations, pertobs_analysis
-from assim.inflation import post_process, rotation_draw
+from assim.inflation import member_rotation, post_process, rotation_draw
 from assim.letkf import Letkf
 from assim.observations import ObservationBatch
 from assim.operators import SubsetOperator
@@ -134,7 +134,8 @@ def test_pertobs_converges_to_the_exact_kalman_mean() -> None:
         for rep in range(6):
             y = torch.as_tensor(h @ mu + rng.standard_normal(n_obs))
             exact = mu + b @ h.T @ np.linalg.solve(h @ b @ h.T + r, y.numpy() - h @ mu)
-            ens = torch.as_tensor(mu + rng.standard_normal((n_members, size)) @ chol.T).reshape(n_members, 1, size)
+            draws = mu + rng.standard_normal((n_members, size)) @ chol.T
+            ens = torch.as_tensor(draws).reshape(n_members, 1, size)
             out = analyse(Enkf.Config(variant="pertobs"), ens, op, sigma, y, grid, cycle=rep)
             errs.append(np.sqrt(np.mean((out.mean(0).reshape(-1).numpy() - exact) ** 2)))
         errors[n_members] = float(np.mean(errs))
@@ -163,7 +164,6 @@ def test_post_process_matches_member_space_formula() -> None:
     post = torch.as_tensor(rng.standard_normal((6, 2, 5)))
     q = rotation_draw(1, 3, 6)
     out = post_process(post, prior, inflation=1.1, rotation=q, rtpp=0.25)
-    from assim.inflation import member_rotation
     a_post, a_prior = post - post.mean(0), prior - prior.mean(0)
     relaxed = 0.75 * a_post + 0.25 * a_prior
     want = post.mean(0) + 1.1 * torch.einsum("mn,n...->m...", member_rotation(q), relaxed)

@@ -112,6 +112,18 @@ def test_localised_matches_per_point_reference(seed, n_members, radius, two_d, i
     assert torch.allclose(got, want, atol=1e-10, rtol=0)
 
 
+def test_large_problem_path_matches_reference(monkeypatch) -> None:
+    """Big grids contract with einsum instead of broadcasting; force that path on a small case."""
+    import assim.letkf
+
+    monkeypatch.setattr(assim.letkf, "_SMALL", 0)
+    grid, ens, op, sigma, y = problem(21, 6, (5, 4), variables=2, n_obs=25)
+    taper = taper_matrix(grid, grid.coordinates(), op.locations, 1.5)
+    got = letkf_analysis(ens, op(ens), y, taper / sigma**2, inflation=1.1)
+    want = reference_letkf(ens, op(ens), y, sigma, taper, infl=1.1)
+    assert torch.allclose(got, want, atol=1e-10, rtol=0)
+
+
 def test_huge_radius_equals_global() -> None:
     grid, ens, op, sigma, y = problem(5, 7, (40,), n_obs=25)
     taper = taper_matrix(grid, grid.coordinates(), op.locations, 1e7)
@@ -165,7 +177,8 @@ def test_taper_cache_reused_and_invalidated() -> None:
     assert p2 is p1  # equal locations and errors (new tensors): reused
     op2 = SubsetOperator(grid, torch.arange(1, 31) % 30)
     p3 = stage.precision(make_obs(op2, y, sigma), ctx, f64, ens.device)
-    assert p3 is not p1 and torch.allclose(p3, taper_matrix(grid, grid.coordinates(), op2.locations, 3.0) / sigma**2)
+    assert p3 is not p1
+    assert torch.allclose(p3, taper_matrix(grid, grid.coordinates(), op2.locations, 3.0) / sigma**2)
     p4 = stage.precision(make_obs(op2, y, 2 * sigma), ctx, f64, ens.device)
     assert torch.allclose(p4, p3 / 4)
 
@@ -194,6 +207,17 @@ def test_rotation_draw_is_mean_preserving_orthogonal(seed, cycle, n_members) -> 
     ones = torch.ones(n_members, dtype=f64)
     assert torch.allclose(full @ ones, ones, atol=1e-12) and torch.allclose(ones @ full, ones, atol=1e-12)
     assert torch.allclose(full @ full.t(), torch.eye(n_members, dtype=f64), atol=1e-12)
+
+
+def test_rotation_draws_are_haar_distributed() -> None:
+    """Haar on O(n): E[Q_00] = 0, E[tr Q] = 0, Var[tr Q] = 1, det = ±1 equally often (a QR without
+    the sign fix fails the first)."""
+    qs = torch.stack([rotation_draw(7, c, 5) for c in range(4000)])
+    assert abs(float(qs[:, 0, 0].mean())) < 0.03
+    tr = qs.diagonal(dim1=1, dim2=2).sum(-1)
+    assert abs(float(tr.mean())) < 0.07 and abs(float(tr.var()) - 1.0) < 0.1
+    assert 0.45 < float((torch.linalg.det(qs) > 0).double().mean()) < 0.55
+    assert not torch.allclose(qs[63], qs[64]) and not torch.allclose(qs[0], qs[1])
 
 
 def test_inflation_multiplies_analysis_anomalies() -> None:

@@ -20,6 +20,7 @@ from assim.synthetic import SyntheticObserver
 from emulators.registry import model_registry
 from twin.config import CaseConfig, load_case
 from twin.domain import make_domain
+from twin.nature import NatureRun
 from twin.random import Streams
 from twin.record import RunRecorder
 
@@ -47,8 +48,9 @@ class Twin:
                                     keep_members=case.output.members == "all", burn_in=case.run.burn_in)
         self.cycle = 0
         self.time = 0.0
-        self.truth = self._spun_up_truth()
-        self.ensemble = self._initial_ensemble()
+        truth0 = self._spun_up_truth()
+        self.nature = NatureRun(self.truth_model, self.observer, truth0, case.observations.every)
+        self.ensemble = self._initial_ensemble(truth0)
         self.loop_seconds = 0.0
 
     @classmethod
@@ -70,10 +72,10 @@ class Twin:
             x = self.truth_model.step(x, 0.0)
         return x[0]
 
-    def _initial_ensemble(self) -> torch.Tensor:
+    def _initial_ensemble(self, truth0: torch.Tensor) -> torch.Tensor:
         """Members = truth + init_spread · N(0, 1), keyed by member and global grid index."""
         noise = self._local_normals(self.ensemble_streams, "init", (0,), self.case.ensemble.size)
-        return self.truth.unsqueeze(0) + self.case.ensemble.init_spread * noise
+        return truth0.unsqueeze(0) + self.case.ensemble.init_spread * noise
 
     # ------------------------------------------------------------ the cycle
 
@@ -81,9 +83,14 @@ class Twin:
     def steps_per_cycle(self) -> int:
         return self.case.observations.every
 
+    @property
+    def truth(self) -> torch.Tensor:
+        """The true state at the current cycle (synthetic-truth experiments)."""
+        return self.nature.truth(self.cycle)
+
     def observe(self) -> ObservationBatch:
         """Synthetic observations of the truth at the current cycle."""
-        return self.observer.observe(self.truth, self.cycle, self.time)
+        return self.nature.observations(self.cycle)
 
     def assimilate(self, obs: ObservationBatch | None = None) -> torch.Tensor:
         """Run the stages on the current (prior) ensemble; record and return the analysis."""
@@ -99,18 +106,12 @@ class Twin:
         return ens
 
     def forecast(self) -> torch.Tensor:
-        """Advance ensemble and truth to the next cycle (batched together when they share a model)."""
-        both = self.truth_model is self.model
-        x = torch.cat([self.ensemble, self.truth.unsqueeze(0)]) if both else self.ensemble
+        """Advance the ensemble `observations.every` model steps to the next cycle."""
+        x = self.ensemble
         for i in range(self.steps_per_cycle):
-            t = self.time + i * self.model.dt
-            x = self.model.step(x, t)
-            if not both:
-                self.truth = self.truth_model.step(self.truth.unsqueeze(0), t)[0]
-        if both:
-            self.ensemble, self.truth = x[:-1], x[-1]
-        else:
-            self.ensemble = x
+            x = self.model.step(x, self.time + i * self.model.dt)
+        self.ensemble = x
+        self.nature.release(self.cycle)
         self.cycle += 1
         self.time += self.steps_per_cycle * self.model.dt
         return self.ensemble
@@ -128,6 +129,7 @@ class Twin:
             from tqdm import tqdm
 
             bar = tqdm(total=n, desc=self.case.name, unit="cycle", leave=False)
+        self.nature.prepare(self.cycle, self.cycle + n)
         start = _time.perf_counter()
         for _ in range(n):
             self.step()

@@ -1,0 +1,58 @@
+"""The nature run of a twin experiment: the truth trajectory and its synthetic observations.
+
+Simulated ahead of the assimilation loop (as DAPPER's `HMM.simulate` does), so the loop's speed
+measures the filter and the forecast model only. Entries are dropped once consumed.
+"""
+from __future__ import annotations
+
+import torch
+
+from assim.observations import ObservationBatch
+from assim.synthetic import SyntheticObserver
+from emulators.base import Model
+
+
+class NatureRun:
+    """Truth states and observations at each cycle, computed on demand and ahead of time."""
+
+    def __init__(self, model: Model, observer: SyntheticObserver, truth0: torch.Tensor, steps_per_cycle: int) -> None:
+        self.model = model
+        self.observer = observer
+        self.steps_per_cycle = steps_per_cycle
+        self._states: dict[int, torch.Tensor] = {0: truth0}
+        self._obs: dict[int, ObservationBatch] = {}
+        self._last = 0
+
+    def time(self, cycle: int) -> float:
+        return cycle * self.steps_per_cycle * self.model.dt
+
+    def extend(self, cycles: int) -> None:
+        """Make sure truth and observations exist up to (and including) cycle `cycles`."""
+        x = self._states[self._last]
+        while self._last < cycles:
+            for i in range(self.steps_per_cycle):
+                x = self.model.step(x.unsqueeze(0), self.time(self._last) + i * self.model.dt)[0]
+            self._last += 1
+            self._states[self._last] = x
+
+    def truth(self, cycle: int) -> torch.Tensor:
+        self.extend(cycle)
+        return self._states[cycle]
+
+    def observations(self, cycle: int) -> ObservationBatch:
+        if cycle not in self._obs:
+            self._obs[cycle] = self.observer.observe(self.truth(cycle), cycle, self.time(cycle))
+        return self._obs[cycle]
+
+    def prepare(self, first: int, last: int) -> None:
+        """Simulate truth and observations for cycles first..last before a timed loop."""
+        self.extend(last)
+        for c in range(first, last + 1):
+            self.observations(c)
+
+    def release(self, before: int) -> None:
+        """Forget cycles before `before` (the twin has consumed them)."""
+        for c in [c for c in self._states if c < before and c != self._last]:
+            del self._states[c]
+        for c in [c for c in self._obs if c < before]:
+            del self._obs[c]
