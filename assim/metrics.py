@@ -1,43 +1,55 @@
-"""Ensemble verification scores (DAPPER's conventions) on tensors (member, variable, *grid).
+"""Ensemble verification scores (DAPPER's conventions).
 
-Optional `weights` (broadcastable to one member's state, summing to 1 over the points that count)
-give area-weighted scores on latitude-longitude grids; by default every point weighs the same.
+Ensembles have their members on `member_dim` (default 0); scores reduce over `dims` of the
+remaining tensor (default: all of them), so the same functions score one analysis
+(member, variable, *grid) or a batch of cycles (cycle, member, state) with `member_dim=1, dims=-1`.
+Optional `weights` (broadcastable, summing to 1 over the reduced points) give area-weighted scores
+on latitude-longitude grids; by default every point weighs the same.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
-
-def _wmean(x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    return x.mean() if weights is None else (x * weights).sum()
+Dims = int | Sequence[int] | None
 
 
-def rmse(mean: torch.Tensor, truth: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+def _wmean(x: torch.Tensor, weights: torch.Tensor | None, dims: Dims) -> torch.Tensor:
+    if dims is None:
+        return x.mean() if weights is None else (x * weights).sum()
+    return x.mean(dims) if weights is None else (x * weights).sum(dims)
+
+
+def rmse(mean: torch.Tensor, truth: torch.Tensor, weights: torch.Tensor | None = None, dims: Dims = None) -> torch.Tensor:
     """Root-mean-square error of the ensemble mean over the grid."""
-    return _wmean((mean - truth).square(), weights).sqrt()
+    return _wmean((mean - truth).square(), weights, dims).sqrt()
 
 
-def spread(ens: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+def spread(ens: torch.Tensor, weights: torch.Tensor | None = None, member_dim: int = 0, dims: Dims = None) -> torch.Tensor:
     """Root of the grid-mean ensemble variance (unbiased, N - 1)."""
-    return _wmean(ens.var(dim=0), weights).sqrt()
+    return _wmean(ens.var(dim=member_dim), weights, dims).sqrt()
 
 
-def crps_fair(ens: torch.Tensor, truth: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+def crps_fair(ens: torch.Tensor, truth: torch.Tensor, weights: torch.Tensor | None = None,
+              member_dim: int = 0, dims: Dims = None) -> torch.Tensor:
     """Fair CRPS averaged over grid points.
 
     (1/M) Σ_i |x_i - y| - 1/(2M(M-1)) Σ_{i≠j} |x_i - x_j|; the pair sum uses the sorted-members
     identity Σ_{i,j} |x_i - x_j| = 2 Σ_k (2k - M + 1) x_(k), O(M log M) instead of O(M²).
     """
-    m = ens.shape[0]
-    skill = (ens - truth).abs().mean(dim=0)
-    ranks = torch.arange(m, dtype=ens.dtype).mul_(2).sub_(m - 1).view((m,) + (1,) * (ens.dim() - 1))
-    pair_sum = 2.0 * (ens.sort(dim=0).values * ranks).sum(dim=0)
-    return _wmean(skill - pair_sum / (2.0 * m * (m - 1)), weights)
+    m = ens.shape[member_dim]
+    skill = (ens - truth.unsqueeze(member_dim)).abs().mean(dim=member_dim)
+    shape = [1] * ens.dim()
+    shape[member_dim] = m
+    ranks = torch.arange(m, dtype=ens.dtype).mul_(2).sub_(m - 1).view(shape)
+    pair_sum = 2.0 * (ens.sort(dim=member_dim).values * ranks).sum(dim=member_dim)
+    return _wmean(skill - pair_sum / (2.0 * m * (m - 1)), weights, dims)
 
 
-def truth_rank(ens: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+def truth_rank(ens: torch.Tensor, truth: torch.Tensor, member_dim: int = 0) -> torch.Tensor:
     """Rank of the truth among the members at every point (0..M), for a rank histogram."""
-    return (ens < truth).sum(dim=0)
+    return (ens < truth.unsqueeze(member_dim)).sum(dim=member_dim)
 
 
 def rank_histogram(ranks: torch.Tensor, members: int) -> torch.Tensor:

@@ -39,3 +39,19 @@ def test_rmse_spread_and_rank_histogram():
     assert hist.tolist() == [2, 0, 0]
     w = torch.tensor([[0.25, 0.75]], dtype=torch.float64)
     assert torch.isclose(metrics.rmse(ens.mean(0), truth, w), torch.tensor(0.25 * 1 + 0.75 * 9, dtype=torch.float64).sqrt())
+
+
+def test_batched_scores_equal_per_cycle_scores():
+    g = torch.Generator().manual_seed(1)
+    ens = torch.randn(6, 5, 1, 30, generator=g, dtype=torch.float64)  # (cycle, member, variable, x)
+    truth = torch.randn(6, 1, 30, generator=g, dtype=torch.float64)
+    flat, tflat = ens.flatten(2), truth.flatten(1)
+    batched = [metrics.rmse(flat.mean(1), tflat, dims=-1), metrics.spread(flat, member_dim=1, dims=-1),
+               metrics.crps_fair(flat, tflat, member_dim=1, dims=-1)]
+    single = [torch.stack([metrics.rmse(ens[c].mean(0), truth[c]) for c in range(6)]),
+              torch.stack([metrics.spread(ens[c]) for c in range(6)]),
+              torch.stack([metrics.crps_fair(ens[c], truth[c]) for c in range(6)])]
+    for b, s in zip(batched, single):
+        assert torch.allclose(b, s, atol=1e-12)
+    assert torch.equal(metrics.truth_rank(flat, tflat, member_dim=1).reshape(6, 1, 30),
+                       torch.stack([metrics.truth_rank(ens[c], truth[c]) for c in range(6)]))

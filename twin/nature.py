@@ -22,6 +22,7 @@ class NatureRun:
         self._states: dict[int, torch.Tensor] = {0: truth0}
         self._obs: dict[int, ObservationBatch] = {}
         self._last = 0
+        self._first = 0
 
     def time(self, cycle: int) -> float:
         return cycle * self.steps_per_cycle * self.model.dt
@@ -52,7 +53,7 @@ class NatureRun:
 
     def release(self, before: int) -> None:
         """Forget cycles before `before` (the twin has consumed them)."""
-        for c in [c for c in self._states if c < before and c != self._last]:
-            del self._states[c]
-        for c in [c for c in self._obs if c < before]:
-            del self._obs[c]
+        while self._first < min(before, self._last):
+            self._states.pop(self._first, None)
+            self._obs.pop(self._first, None)
+            self._first += 1

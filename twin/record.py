@@ -1,7 +1,8 @@
 """Per-cycle aggregation: metrics every cycle, ensembles and observations at output cycles.
 
-Values stay torch tensors during the loop (no host synchronisation per cycle) and are stacked
-into numpy arrays once, when the writer asks for them.
+The loop only appends references (no tensor work per cycle); scores are computed in batches of
+cycles by `flush()`, when the buffer reaches `buffer_elements` or the writer asks. So a small
+problem pays a few vectorised calls per hundreds of cycles, and a large one flushes every cycle.
 """
 from __future__ import annotations
 
@@ -18,12 +19,24 @@ METRICS = ("rmse_analysis", "rmse_forecast", "spread_analysis", "spread_forecast
 
 
 @dataclass
+class _Pending:
+    cycle: int
+    time: float
+    prior: torch.Tensor
+    analysis: torch.Tensor
+    truth: torch.Tensor | None
+    obs: ObservationBatch | None
+
+
+@dataclass
 class RunRecorder:
     """Collects what a run writes. `output_every` thins the stored fields, never the metrics."""
 
     members: int
     output_every: int = 1
     keep_members: bool = True
+    burn_in: int = 0
+    buffer_elements: int = 2**24
     times: list[float] = field(default_factory=list)
     cycles: list[int] = field(default_factory=list)
     per_cycle: dict[str, list[torch.Tensor]] = field(default_factory=lambda: {k: [] for k in METRICS})
@@ -35,58 +48,95 @@ class RunRecorder:
     truth: list[torch.Tensor] = field(default_factory=list)
     observations: list[dict[str, torch.Tensor | float]] = field(default_factory=list)
     rank_counts: torch.Tensor | None = None
-    burn_in: int = 0
+    _pending: list[_Pending] = field(default_factory=list)
+    _pending_elements: int = 0
 
     def record(self, cycle: int, time: float, prior: torch.Tensor, analysis: torch.Tensor,
                truth: torch.Tensor | None, obs: ObservationBatch | None) -> None:
-        """Score one analysis (prior and analysis ensembles, truth, observations)."""
-        prior_mean = prior.mean(dim=0)
-        ana_mean = analysis.mean(dim=0)
-        nan = torch.tensor(float("nan"), dtype=prior.dtype)
+        """Keep one analysis (prior and analysis ensembles, truth, observations) for scoring."""
+        self._pending.append(_Pending(cycle, time, prior, analysis, truth, obs))
+        self._pending_elements += 2 * prior.numel()
+        if self._pending_elements >= self.buffer_elements:
+            self.flush()
+
+    def flush(self) -> None:
+        """Score the pending cycles in groups that share truth availability and observation operator."""
+        pending, self._pending, self._pending_elements = self._pending, [], 0
+        start = 0
+        while start < len(pending):
+            stop = start + 1
+            while stop < len(pending) and self._same_group(pending[start], pending[stop]):
+                stop += 1
+            self._score(pending[start:stop])
+            start = stop
+
+    @staticmethod
+    def _same_group(a: _Pending, b: _Pending) -> bool:
+        if (a.truth is None) != (b.truth is None) or (a.obs is None) != (b.obs is None):
+            return False
+        return a.obs is None or (a.obs.operator is b.obs.operator and a.obs.size == b.obs.size)
+
+    def _score(self, group: list[_Pending]) -> None:
+        prior = torch.stack([p.prior for p in group])  # (cycle, member, variable, *grid)
+        analysis = torch.stack([p.analysis for p in group])
+        c, m = prior.shape[:2]
+        prior_f, ana_f = prior.reshape(c, m, -1), analysis.reshape(c, m, -1)
+        prior_mean, ana_mean = prior.mean(1), analysis.mean(1)
         pc = self.per_cycle
-        pc["spread_analysis"].append(metrics.spread(analysis))
-        pc["spread_forecast"].append(metrics.spread(prior))
-        if truth is not None:
-            pc["rmse_analysis"].append(metrics.rmse(ana_mean, truth))
-            pc["rmse_forecast"].append(metrics.rmse(prior_mean, truth))
-            pc["crps_analysis"].append(metrics.crps_fair(analysis, truth))
-            if cycle >= self.burn_in:
-                counts = metrics.rank_histogram(metrics.truth_rank(analysis, truth), self.members)
+        pc["spread_analysis"].extend(metrics.spread(ana_f, member_dim=1, dims=-1))
+        pc["spread_forecast"].extend(metrics.spread(prior_f, member_dim=1, dims=-1))
+        nan = torch.full((c,), float("nan"), dtype=prior.dtype)
+        if group[0].truth is not None:
+            truth = torch.stack([p.truth for p in group])
+            truth_f = truth.reshape(c, -1)
+            pc["rmse_analysis"].extend(metrics.rmse(ana_mean.reshape(c, -1), truth_f, dims=-1))
+            pc["rmse_forecast"].extend(metrics.rmse(prior_mean.reshape(c, -1), truth_f, dims=-1))
+            pc["crps_analysis"].extend(metrics.crps_fair(ana_f, truth_f, member_dim=1, dims=-1))
+            after = torch.tensor([p.cycle >= self.burn_in for p in group])
+            if bool(after.any()):
+                ranks = metrics.truth_rank(ana_f[after], truth_f[after], member_dim=1)
+                counts = metrics.rank_histogram(ranks, self.members)
                 self.rank_counts = counts if self.rank_counts is None else self.rank_counts + counts
         else:
+            truth = None
             for k in ("rmse_analysis", "rmse_forecast", "crps_analysis"):
-                pc[k].append(nan)
-        if obs is not None and obs.size:
-            omb = obs.values - obs.operator(prior_mean)
-            oma = obs.values - obs.operator(ana_mean)
-            pc["omb_mean"].append(omb.mean())
-            pc["omb_rms"].append(omb.square().mean().sqrt())
-            pc["oma_mean"].append(oma.mean())
-            pc["oma_rms"].append(oma.square().mean().sqrt())
-            pc["obs_count"].append(torch.tensor(float(obs.size), dtype=prior.dtype))
+                pc[k].extend(nan)
+        first = group[0].obs
+        if first is not None and first.size:
+            values = torch.stack([p.obs.values for p in group])
+            omb = values - first.operator(prior_mean)
+            oma = values - first.operator(ana_mean)
+            pc["omb_mean"].extend(omb.mean(-1))
+            pc["omb_rms"].extend(omb.square().mean(-1).sqrt())
+            pc["oma_mean"].extend(oma.mean(-1))
+            pc["oma_rms"].extend(oma.square().mean(-1).sqrt())
+            pc["obs_count"].extend(torch.full((c,), float(first.size), dtype=prior.dtype))
         else:
             for k in ("omb_mean", "omb_rms", "oma_mean", "oma_rms"):
-                pc[k].append(nan)
-            pc["obs_count"].append(torch.zeros((), dtype=prior.dtype))
-        self.times.append(time)
-        self.cycles.append(cycle)
-        if cycle % self.output_every == 0:
-            self.out_cycles.append(cycle)
-            self.analysis.append(analysis.clone() if self.keep_members else ana_mean)
+                pc[k].extend(nan)
+            pc["obs_count"].extend(torch.zeros(c, dtype=prior.dtype))
+        for i, p in enumerate(group):
+            self.times.append(p.time)
+            self.cycles.append(p.cycle)
+            if p.cycle % self.output_every:
+                continue
+            self.out_cycles.append(p.cycle)
+            self.analysis.append(p.analysis if self.keep_members else ana_mean[i])
             if not self.keep_members:
-                self.analysis_spread.append(analysis.std(dim=0))
-            self.background_mean.append(prior_mean)
-            self.background_spread.append(prior.std(dim=0))
+                self.analysis_spread.append(p.analysis.std(dim=0))
+            self.background_mean.append(prior_mean[i])
+            self.background_spread.append(p.prior.std(dim=0))
             if truth is not None:
-                self.truth.append(truth.clone())
-            if obs is not None and obs.size:
+                self.truth.append(truth[i])
+            if p.obs is not None and p.obs.size:
                 self.observations.append({
-                    "time": time, "ids": obs.ids, "values": obs.values, "error_std": obs.error_std,
-                    "locations": obs.locations, "omb": omb, "oma": oma,
+                    "time": p.time, "ids": p.obs.ids, "values": p.obs.values, "error_std": p.obs.error_std,
+                    "locations": p.obs.locations, "omb": omb[i], "oma": oma[i],
                 })
 
     def series(self) -> dict[str, np.ndarray]:
         """Per-cycle metrics as numpy arrays (dim: cycle)."""
+        self.flush()
         return {k: torch.stack(v).double().numpy() if v else np.zeros(0) for k, v in self.per_cycle.items()}
 
     def summary(self) -> dict[str, float | None]:
