@@ -14,7 +14,9 @@ Post-processing (RTPP, RTPS, inflation of the analysis anomalies, random rotatio
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
+import numpy as np
 import torch
 
 from assim.inflation import check_config, post_process, rotation_draw
@@ -22,16 +24,30 @@ from assim.letkf import letkf_analysis
 from assim.observations import ObservationBatch
 from assim.registry import register_stage
 from assim.stages import AnalysisContext
-from twin.random import Streams
+from twin.random import BLOCK, Streams, generator
 
 VARIANTS = ("pertobs", "sqrt")
 
 
 def observation_perturbations(streams: Streams, cycle: int, n_members: int, ids: torch.Tensor,
                               error_std: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """D (N, p): N(0, R) draws keyed by (cycle, member) over observation ids, centred over members."""
-    z = torch.stack([streams.normal("filter", (cycle, m), ids, dtype) for m in range(n_members)])
-    d = z * error_std.to(dtype)
+    """D (N, p): N(0, R) draws keyed by (cycle, member) over observation ids, centred over members.
+
+    Row m equals `streams.normal("filter", (cycle, m), ids)` (tested), drawn here without that
+    method's per-call bookkeeping: one generator per member and id block, and nothing else.
+    """
+    idx = ids.reshape(-1).cpu().numpy().astype(np.int64)
+    blocks = idx // BLOCK
+    offsets = idx - blocks * BLOCK
+    z = np.empty((n_members, idx.size))
+    unique = np.unique(blocks).tolist()
+    for block in unique:
+        sel = slice(None) if len(unique) == 1 else blocks == block
+        off = offsets[sel]
+        count = int(off.max()) + 1
+        for m in range(n_members):
+            z[m, sel] = generator(streams.seed, "filter", cycle, m, block).standard_normal(count)[off]
+    d = torch.from_numpy(z).to(dtype) * error_std.to(dtype)
     return d - d.mean(0)
 
 
@@ -69,14 +85,16 @@ class Enkf:
 
     @dataclass(frozen=True)
     class Config:
-        variant: str = field(default="sqrt", metadata={
+        variant: Literal["pertobs", "sqrt"] = field(default="sqrt", metadata={
             "help": "pertobs (perturbed observations) or sqrt (symmetric square root, ETKF)"})
         inflation: float = field(default=1.0, metadata={
-            "help": "multiplies the analysis anomalies after the update (DAPPER's infl)"})
+            "min": 1.0, "help": "multiplies the analysis anomalies after the update (DAPPER's infl)"})
         rotation: bool = field(default=False, metadata={
             "help": "random mean-preserving rotation of the analysis anomalies (DAPPER's rot)"})
-        rtps: float = field(default=0.0, metadata={"help": "relaxation to prior spread, in [0, 1]"})
-        rtpp: float = field(default=0.0, metadata={"help": "relaxation to prior perturbations, in [0, 1]"})
+        rtps: float = field(default=0.0, metadata={
+            "min": 0.0, "max": 1.0, "help": "relaxation to prior spread (RTPS alpha)"})
+        rtpp: float = field(default=0.0, metadata={
+            "min": 0.0, "max": 1.0, "help": "relaxation to prior perturbations (RTPP alpha)"})
 
     def __init__(self, config: "Enkf.Config") -> None:
         if config.variant not in VARIANTS:

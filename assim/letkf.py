@@ -6,7 +6,7 @@ all variables at a grid point share the weights. With no localisation the same c
 ETKF (one weight set for the whole state), which is also the EnKF 'Sqrt' baseline.
 
 Notation: N members, n = N-1. The work happens in the reduced ensemble space of `assim.inflation`
-(anomalies in an orthonormal zero-sum basis B), where P̃⁻¹ = n/ρ I + Y'ᵀ R̃⁻¹ Y' is (n, n): the
+(anomalies in an orthonormal zero-sum basis B), where P̃⁻¹ = n/ρ I + Y' R̃⁻¹ Y'ᵀ is (n, n): the
 direction of the vector of ones carries no anomaly, so dropping it loses nothing and saves work.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from assim.inflation import (check_config, ensemble_projector, observation_projector, anomaly_map,
+from assim.inflation import (anomaly_map, check_config, ensemble_projector, observation_projector,
                              relax, rotation_draw)
 from assim.localization import taper_matrix
 from assim.observations import ObservationBatch
@@ -110,15 +110,17 @@ class Letkf:
     @dataclass(frozen=True)
     class Config:
         inflation: float = field(default=1.0, metadata={
-            "help": "multiplies the analysis anomalies after the update (DAPPER's infl)"})
+            "min": 1.0, "help": "multiplies the analysis anomalies after the update (DAPPER's infl)"})
         prior_inflation: float = field(default=1.0, metadata={
-            "help": "Hunt's rho inside P~ (multiplicative prior inflation)"})
+            "min": 1.0, "help": "Hunt's rho inside P~ (multiplicative prior inflation)"})
         localization_radius: float | None = field(default=None, metadata={
-            "help": "distance where the Gaspari-Cohn taper is exp(-1/2); null = global ETKF"})
+            "gt": 0.0, "help": "distance where the Gaspari-Cohn taper is exp(-1/2); null = global ETKF"})
         rotation: bool = field(default=False, metadata={
             "help": "random mean-preserving rotation of the analysis anomalies (DAPPER's rot)"})
-        rtps: float = field(default=0.0, metadata={"help": "relaxation to prior spread, in [0, 1]"})
-        rtpp: float = field(default=0.0, metadata={"help": "relaxation to prior perturbations, in [0, 1]"})
+        rtps: float = field(default=0.0, metadata={
+            "min": 0.0, "max": 1.0, "help": "relaxation to prior spread (RTPS alpha)"})
+        rtpp: float = field(default=0.0, metadata={
+            "min": 0.0, "max": 1.0, "help": "relaxation to prior perturbations (RTPP alpha)"})
 
     def __init__(self, config: "Letkf.Config") -> None:
         check_config("letkf", inflation=config.inflation, prior_inflation=config.prior_inflation,

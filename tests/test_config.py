@@ -43,7 +43,7 @@ def test_good_case_loads_with_typed_sections(tmp_path):
     (lambda d: d["observations"].update(error_std=0), "observations.error_std"),
     (lambda d: d["observations"].update(operator="nope"), "observations.operator"),
     (lambda d: d["assimilation"]["stages"][0].update(method="nope"), "assimilation.stages.0.method"),
-    (lambda d: d["assimilation"]["stages"][0].update(inflation=0.5), "assimilation.stages.0"),
+    (lambda d: d["assimilation"]["stages"][0].update(inflation=0.5), "assimilation.stages.0.inflation"),
     (lambda d: d["assimilation"]["stages"][0].update(bogus=True), "assimilation.stages.0.bogus"),
     (lambda d: d.update(extra_section={}), "extra_section"),
     (lambda d: d.pop("name"), "name"),

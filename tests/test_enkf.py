@@ -101,6 +101,13 @@ def test_pertobs_gain_and_mean(seed, n_members, size, frac) -> None:
 def test_perturbations_keyed_centred_and_layout_independent() -> None:
     streams, ids, sigma = Streams(4), torch.arange(100, 130), torch.linspace(0.5, 2.0, 30, dtype=f64)
     d = observation_perturbations(streams, 9, 12, ids, sigma)
+    # the draws are the keyed streams' ("filter", (cycle, member)) over observation ids, centred
+    z = torch.stack([streams.normal("filter", (9, m), ids) for m in range(12)]) * sigma
+    assert torch.allclose(d, z - z.mean(0), atol=1e-14)
+    scattered = torch.tensor([9000, 3, 4095, 4096, 70000, 5, 9001])  # several id blocks, any order
+    ones = torch.ones(7, dtype=f64)
+    z = torch.stack([streams.normal("filter", (2, m), scattered) for m in range(5)])
+    assert torch.allclose(observation_perturbations(streams, 2, 5, scattered, ones), z - z.mean(0), atol=1e-14)
     assert d.shape == (12, 30)
     assert torch.allclose(d.mean(0), torch.zeros(30, dtype=f64), atol=1e-14)
     assert torch.equal(d, observation_perturbations(streams, 9, 12, ids, sigma))
