@@ -22,6 +22,7 @@ import torch
 from assim.inflation import check_config, post_process, rotation_draw
 from assim.letkf import letkf_analysis
 from assim.observations import ObservationBatch
+from assim.obsspace import gather_obs_space
 from assim.registry import register_stage
 from assim.stages import AnalysisContext
 from twin.random import BLOCK, Streams, generator
@@ -109,12 +110,13 @@ class Enkf:
         if n_members < 2:
             raise ValueError("enkf: needs at least 2 members")
         rot = rotation_draw(ctx.streams.seed, ctx.cycle, n_members, ens.dtype) if cfg.rotation else None
-        hx = obs.operator(ens)
+        space = gather_obs_space(ens, obs, ctx.domain)
+        hx, y, error_std = space.hx, space.values, space.error_std
         if cfg.variant == "sqrt":
-            precision = obs.error_std.to(ens.dtype).square().reciprocal()[None]
-            return letkf_analysis(ens, hx, obs.values, precision, inflation=cfg.inflation, rotation=rot,
+            precision = error_std.to(ens.dtype).square().reciprocal()[None]
+            return letkf_analysis(ens, hx, y, precision, inflation=cfg.inflation, rotation=rot,
                                   rtps=cfg.rtps, rtpp=cfg.rtpp)
-        pert = observation_perturbations(ctx.streams, ctx.cycle, n_members, obs.ids, obs.error_std, ens.dtype)
-        analysis = pertobs_analysis(ens, hx, obs.values, obs.error_std, pert)
+        pert = observation_perturbations(ctx.streams, ctx.cycle, n_members, space.ids, error_std, ens.dtype)
+        analysis = pertobs_analysis(ens, hx, y, error_std, pert)
         return post_process(analysis, ens, inflation=cfg.inflation, rotation=rot, rtpp=cfg.rtpp,
                             rtps=cfg.rtps)

@@ -21,6 +21,7 @@ from assim.inflation import (anomaly_map, check_config, ensemble_projector, obse
                              relax, rotation_draw)
 from assim.localization import taper_matrix
 from assim.observations import ObservationBatch
+from assim.obsspace import ObsSpace, gather_obs_space
 from assim.registry import register_stage
 from assim.stages import AnalysisContext
 
@@ -131,7 +132,7 @@ class Letkf:
         self.config = config
         self._cache: tuple | None = None  # (grid, domain, locations, error_std, dtype, precision)
 
-    def precision(self, obs: ObservationBatch, ctx: AnalysisContext, dtype: torch.dtype,
+    def precision(self, obs: ObservationBatch | ObsSpace, ctx: AnalysisContext, dtype: torch.dtype,
                   device: torch.device) -> torch.Tensor:
         """Tapered R⁻¹ (G, p) or (1, p); reused while the grid, locations and errors are unchanged."""
         cache = self._cache
@@ -151,8 +152,9 @@ class Letkf:
 
     def __call__(self, ens: torch.Tensor, obs: ObservationBatch, ctx: AnalysisContext) -> torch.Tensor:
         cfg = self.config
-        prec = self.precision(obs, ctx, ens.dtype, ens.device)
+        space = gather_obs_space(ens, obs, ctx.domain)
+        prec = self.precision(space, ctx, ens.dtype, ens.device)
         rot = rotation_draw(ctx.streams.seed, ctx.cycle, ens.shape[0], ens.dtype) if cfg.rotation else None
-        return letkf_analysis(ens, obs.operator(ens), obs.values, prec,
+        return letkf_analysis(ens, space.hx, space.values, prec,
                               prior_inflation=cfg.prior_inflation, inflation=cfg.inflation,
                               rotation=rot, rtps=cfg.rtps, rtpp=cfg.rtpp)

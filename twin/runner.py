@@ -52,13 +52,16 @@ def run_case(path: str | Path, overrides: tuple[str, ...] = (), out: str | Path 
     start = time.perf_counter()
     case = load_case(path, overrides)
     outdir = output_dir(case, out)
+    if outdir.exists() and not overwrite:  # every rank sees the same file system: all refuse together
+        raise UserError(f"{outdir}: output folder exists (pass --overwrite to replace it)")
     tw = Twin(case)
     partial = prepare_output(outdir, overwrite) if tw.domain.rank == 0 else None
     try:
         tw.run(progress=not quiet)
         summary = summarise(tw)
+        final = tw.domain.gather(tw.ensemble)
         if partial is not None:
-            write_outputs(tw, partial)
+            write_outputs(tw, partial, final)
             summary["wall_seconds"] = time.perf_counter() - start
             (partial / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             if case.output.figures:
@@ -97,8 +100,8 @@ def summarise(tw: Twin) -> dict:
     }
 
 
-def write_outputs(tw: Twin, folder: Path) -> None:
-    """analysis.nc, truth.nc, observations.nc and restart.nc from the recorder."""
+def write_outputs(tw: Twin, folder: Path, final: torch.Tensor) -> None:
+    """analysis.nc, truth.nc, observations.nc from the recorder; restart.nc from the final ensemble."""
     rec, case, model = tw.recorder, tw.case, tw.model
     common = dict(time_unit_seconds=model.time_unit_seconds, start=case.run.start,
                   attrs={"case": case.name, "method": case.method})
@@ -135,7 +138,7 @@ def write_outputs(tw: Twin, folder: Path) -> None:
             tds[v.name].attrs["long_name"] = f"true {v.long_name}"
         io.write_netcdf_atomic(tds, folder / "truth.nc")
     write_observations(tw, folder / "observations.nc", common)
-    io.write_restart(folder / "restart.nc", tw.ensemble.double().numpy(), tw.time, tw.cycle, tw.grid,
+    io.write_restart(folder / "restart.nc", final.double().numpy(), tw.time, tw.cycle, tw.grid,
                      model.variables, case_name=case.name, config_yaml=yaml.safe_dump(case_to_dict(case)))
 
 

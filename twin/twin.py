@@ -43,7 +43,7 @@ class Twin:
         self.ensemble_streams = Streams(case.ensemble.seed)
         self.observer = SyntheticObserver(
             self.grid, len(self.model.variables), case.observations.operator, case.observations.error_std,
-            case.observations.fraction, Streams(case.observations.seed), self.dtype)
+            case.observations.fraction, Streams(case.observations.seed), self.dtype, self.domain)
         self.recorder = RunRecorder(members=case.ensemble.size, output_every=case.output.every,
                                     keep_members=case.output.members == "all", burn_in=case.run.burn_in)
         self.cycle = 0
@@ -68,6 +68,7 @@ class Twin:
         cfg = self.case.model.config
         base = float(getattr(cfg, "forcing", 0.0))
         x = base + self._local_normals(Streams(self.case.truth.seed), "truth", (0,), 1)
+        x = x.to(self.dtype)
         for _ in range(self.case.truth.spinup_steps):
             x = self.truth_model.step(x, 0.0)
         return x[0]
@@ -102,8 +103,24 @@ class Twin:
         for stage in self.stages:
             ens = stage(ens, obs, ctx)
         self.ensemble = ens
-        self.recorder.record(self.cycle, self.time, prior, ens, self.truth, obs)
+        if self.domain.size == 1:
+            self.recorder.record(self.cycle, self.time, prior, ens, self.truth, obs)
+        else:
+            self._record_gathered(prior, ens, obs)
         return ens
+
+    def _record_gathered(self, prior: torch.Tensor, ens: torch.Tensor, obs: ObservationBatch) -> None:
+        """Under MPI rank 0 records the global fields and observations (moderate grids)."""
+        dom = self.domain
+        prior_g, ens_g, truth_g = dom.gather(prior), dom.gather(ens), dom.gather(self.truth)
+        parts = dom.allgather_object((obs.ids.numpy(), obs.values.numpy(), obs.error_std.numpy()))
+        if dom.rank != 0:
+            return
+        ids, values, err = (torch.from_numpy(np.concatenate([p[i] for p in parts])) for i in range(3))
+        order = torch.argsort(ids, stable=True)
+        op = self.observer.global_operator(ids[order])
+        global_obs = ObservationBatch(obs.time, values[order], err[order], ids[order], op)
+        self.recorder.record(self.cycle, self.time, prior_g, ens_g, truth_g, global_obs)
 
     def forecast(self) -> torch.Tensor:
         """Advance the ensemble `observations.every` model steps to the next cycle."""
