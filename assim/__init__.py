@@ -1,6 +1,6 @@
 """EarthTwin assimilation: observations, operators, filters (LETKF, EnKF, EnSF), blending, metrics."""
 from assim.observations import ObservationBatch
 from assim.registry import operator_registry, register_operator, register_stage, stage_registry
-from assim import enkf as _enkf, letkf as _letkf, operators as _operators  # noqa: F401  (fill the registries)
+from assim import blending as _blending, enkf as _enkf, letkf as _letkf, operators as _operators  # noqa: F401
 
 __all__ = ["ObservationBatch", "register_operator", "register_stage", "operator_registry", "stage_registry"]

@@ -11,8 +11,10 @@ from pathlib import Path
 
 from twin.config import ConfigError
 from twin.io import DatasetError, RestartError
+from twin.twin import CheckpointError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DatasetError, RestartError, FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DatasetError, RestartError, CheckpointError,
+                                                FileNotFoundError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,7 +30,7 @@ def _fail(line: str) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from twin.runner import run_case, summary_table
 
-    summary = run_case(args.case, tuple(args.set), args.out, args.overwrite, args.quiet)
+    summary = run_case(args.case, tuple(args.set), args.out, args.overwrite, args.quiet, args.resume)
     if _is_root():
         print(summary_table(summary))
     return 0
@@ -70,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output folder (wins over run.out)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     run.set_defaults(func=_cmd_run)
     val = sub.add_parser("validate", help="check a case file")
     val.add_argument("case")

@@ -76,7 +76,7 @@ class RunConfig:
     dtype: Literal["float64", "float32"] = field(default="float64", metadata={"help": "floating precision"})
     threads: int = field(default=1, metadata={"min": 1, "help": "torch threads per process"})
     device: Literal["cpu"] = field(default="cpu", metadata={"help": "torch device"})
-    restart_every: int = field(default=0, metadata={"min": 0, "help": "cycles between restarts (0: at the end)"})
+    restart_every: int = field(default=0, metadata={"min": 0, "help": "cycles between checkpoints for --resume (0: none)"})
 
 
 @dataclass(frozen=True)
@@ -357,6 +357,7 @@ def keys_table() -> str:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else "required"
             tp = str(hints[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            tp = tp.replace(" | None", " or null").replace(" | ", " or ").replace("|", " or ")
             out.append(f"| `{prefix}{f.name}` | {tp} | `{default}` | {f.metadata.get('help', '')} |")
         return out
 

@@ -15,14 +15,15 @@ from emulators.base import Model
 class NatureRun:
     """Truth states and observations at each cycle, computed on demand and ahead of time."""
 
-    def __init__(self, model: Model, observer: SyntheticObserver, truth0: torch.Tensor, steps_per_cycle: int) -> None:
+    def __init__(self, model: Model, observer: SyntheticObserver, truth0: torch.Tensor, steps_per_cycle: int,
+                 first_cycle: int = 0) -> None:
         self.model = model
         self.observer = observer
         self.steps_per_cycle = steps_per_cycle
-        self._states: dict[int, torch.Tensor] = {0: truth0}
+        self._states: dict[int, torch.Tensor] = {first_cycle: truth0}
         self._obs: dict[int, ObservationBatch] = {}
-        self._last = 0
-        self._first = 0
+        self._last = first_cycle
+        self._first = first_cycle
 
     def time(self, cycle: int) -> float:
         return cycle * self.steps_per_cycle * self.model.dt

@@ -18,6 +18,8 @@ import torch
 
 BLOCK = 4096
 
+_STREAM_TAG = 0x4E53  # keeps `normal_stream` keys apart from the block streams' keys
+
 PURPOSES = ("truth", "init", "obs_noise", "obs_select", "filter", "sampler", "model", "test")
 
 
@@ -66,6 +68,10 @@ class Streams:
         vals = self._draw("uniform", purpose, keys, indices)
         return torch.from_numpy(vals).to(dtype).reshape(indices.shape)
 
+    def normal_stream(self, purpose: str, keys: tuple[int, ...]) -> "NormalStream":
+        """A random-access stream of standard normals for bulk draws (see `NormalStream`)."""
+        return NormalStream(_key_int(self.seed, purpose, (_STREAM_TAG,) + tuple(keys)))
+
     def field_normal(self, purpose: str, keys: tuple[int, ...], members: int, variables: int,
                      flat_indices: torch.Tensor, local_shape: tuple[int, ...],
                      dtype: torch.dtype = torch.float64, first_member: int = 0) -> torch.Tensor:
@@ -76,3 +82,78 @@ class Streams:
             for v in range(variables):
                 out[m, v] = self.normal(purpose, keys + (first_member + m, v), flat_indices, dtype).reshape(local_shape)
         return out
+
+
+_PIECE = 1 << 15  # raw words per Box–Muller pass, all rows together (keeps the temporaries in cache)
+_U24 = np.float32(-(2.0 ** -24))
+_THETA24 = np.float32(2.0 * np.pi * 2.0 ** -24)
+
+
+class NormalStream:
+    """Standard normals of one key at any position, by random access: fast bulk draws.
+
+    Raw 64-bit word j of a PCG64 stream (seeded by the key's hash) gives the normals at positions
+    2j and 2j+1 by Box–Muller: r = sqrt(-2 ln(1 - u)), θ = 2π v from the top 24 bits of its two
+    halves, then (r cos θ, r sin θ). A value depends only on (seed, purpose, keys, position), so a
+    rank filling its own positions gets the serial run's numbers; PCG64's `advance` makes a jump
+    cheap and a sweep in increasing order needs none. Values are float32 numbers (24-bit uniforms:
+    tails end at 5.8σ) whatever the output dtype, so float32 and float64 runs draw the same noise.
+    About 3x faster than `Streams.normal` per number and with no float64 detour.
+    """
+
+    def __init__(self, key: int) -> None:
+        self._bg = np.random.PCG64(key)
+        self._origin = self._bg.state
+        self._word = 0  # the next raw word the generator will produce
+
+    def raw(self, word: int, count: int) -> np.ndarray:
+        """Raw words word .. word+count-1 (uint64)."""
+        if word != self._word:
+            self._bg.state = self._origin
+            self._bg.advance(word)
+        self._word = word + count
+        return self._bg.random_raw(count)
+
+    def fill(self, start: int, out: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        """out[i] = scale · normal(start + i) for a 1-D float array `out` (may be a strided view)."""
+        fill_rows([self], start, out[None], scale)
+        return out
+
+
+def _box_muller(raw: np.ndarray, out: np.ndarray, scale: float) -> None:
+    """Pairs of normals (scaled) from raw words (R, W) into out (R, 2W), interleaved."""
+    halves = raw.view(np.uint32).reshape(raw.shape + (2,))
+    np.right_shift(halves, 8, out=halves)
+    r = np.multiply(halves[..., 0], _U24, dtype=np.float32, casting="unsafe")  # -u, u in [0, 1)
+    np.log1p(r, out=r)
+    np.multiply(r, np.float32(-2.0 * scale * scale), out=r)
+    np.sqrt(r, out=r)
+    theta = np.multiply(halves[..., 1], _THETA24, dtype=np.float32, casting="unsafe")
+    trig = np.cos(theta)
+    np.multiply(r, trig, out=out[:, 0::2], casting="same_kind")
+    np.sin(theta, out=trig)
+    np.multiply(r, trig, out=out[:, 1::2], casting="same_kind")
+
+
+def fill_rows(streams: list[NormalStream], start: int, out: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """out[r, i] = scale · normal of streams[r] at position start + i; out (R, n), float32 or float64."""
+    rows, n = out.shape
+    if rows != len(streams):
+        raise ValueError(f"fill_rows: {len(streams)} streams for {rows} rows")
+    pos, end = start, start + n
+    piece = max(64, _PIECE // max(rows, 1))
+    while pos < end:
+        w0 = pos // 2
+        w1 = min((end + 1) // 2, w0 + piece)
+        lead = pos - 2 * w0
+        take = min(end - pos, 2 * (w1 - w0) - lead)
+        raw = np.stack([s.raw(w0, w1 - w0) for s in streams])
+        dst = out[:, pos - start: pos - start + take]
+        if lead == 0 and take == 2 * (w1 - w0):
+            _box_muller(raw, dst, scale)
+        else:
+            tmp = np.empty((rows, 2 * (w1 - w0)), dtype=np.float32)
+            _box_muller(raw, tmp, scale)
+            dst[...] = tmp[:, lead: lead + take]
+        pos += take
+    return out

@@ -134,6 +134,33 @@ class RunRecorder:
                     "locations": p.obs.locations, "omb": omb[i], "oma": oma[i],
                 })
 
+    _STATE = ("times", "cycles", "per_cycle", "out_cycles", "analysis", "analysis_spread", "background_mean",
+              "background_spread", "truth", "observations", "rank_counts")
+
+    def lengths(self) -> dict[str, int]:
+        """How much of each append-only record exists (marks a checkpoint's position)."""
+        self.flush()
+        out = {k: len(getattr(self, k)) for k in self._STATE if k not in ("per_cycle", "rank_counts")}
+        out.update({f"per_cycle.{k}": len(v) for k, v in self.per_cycle.items()})
+        return out
+
+    def records_since(self, lengths: dict[str, int] | None) -> dict:
+        """The records appended since `lengths` (all of them for None): one checkpoint chunk."""
+        self.flush()
+        start = lengths or {}
+        chunk = {k: getattr(self, k)[start.get(k, 0):] for k in self._STATE if k not in ("per_cycle", "rank_counts")}
+        chunk["per_cycle"] = {k: v[start.get(f"per_cycle.{k}", 0):] for k, v in self.per_cycle.items()}
+        return chunk
+
+    def extend_records(self, chunk: dict) -> None:
+        """Append a checkpoint chunk (the inverse of `records_since`)."""
+        for k, v in chunk.items():
+            if k == "per_cycle":
+                for m, values in v.items():
+                    self.per_cycle[m].extend(values)
+            else:
+                getattr(self, k).extend(v)
+
     def series(self) -> dict[str, np.ndarray]:
         """Per-cycle metrics as numpy arrays (dim: cycle)."""
         self.flush()

@@ -20,6 +20,9 @@ from twin.config import CaseConfig, case_to_dict, load_case
 from twin.twin import Twin
 
 
+CHECKPOINT = "checkpoint.pt"
+
+
 class UserError(Exception):
     """A user mistake outside the case file (output folder exists, missing input)."""
 
@@ -33,7 +36,7 @@ def prepare_output(outdir: Path, overwrite: bool) -> Path:
     """Refuse an existing complete run unless overwrite; start a fresh `.partial` folder."""
     if outdir.exists() and not overwrite:
         raise UserError(f"{outdir}: output folder exists (pass --overwrite to replace it)")
-    partial = outdir.with_name(outdir.name + ".partial")
+    partial = partial_dir(outdir)
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
@@ -46,18 +49,34 @@ def finish_output(partial: Path, outdir: Path) -> None:
     partial.rename(outdir)
 
 
+def partial_dir(outdir: Path) -> Path:
+    return outdir.with_name(outdir.name + ".partial")
+
+
 def run_case(path: str | Path, overrides: tuple[str, ...] = (), out: str | Path | None = None,
-             overwrite: bool = False, quiet: bool = False) -> dict:
-    """Run a case end to end and return its summary (also written as summary.json)."""
+             overwrite: bool = False, quiet: bool = False, resume: bool = False) -> dict:
+    """Run a case end to end and return its summary (also written as summary.json).
+
+    A checkpoint is kept in `DIR.partial/checkpoint.pt` every `run.restart_every` cycles;
+    `resume=True` continues from it and ends with the same files as an uninterrupted run.
+    """
     start = time.perf_counter()
     case = load_case(path, overrides)
     outdir = output_dir(case, out)
+    checkpoint = partial_dir(outdir) / CHECKPOINT
     if outdir.exists() and not overwrite:  # every rank sees the same file system: all refuse together
         raise UserError(f"{outdir}: output folder exists (pass --overwrite to replace it)")
+    if resume and not checkpoint.is_file():
+        raise UserError(f"{checkpoint}: no checkpoint to resume from")
     tw = Twin(case)
-    partial = prepare_output(outdir, overwrite) if tw.domain.rank == 0 else None
+    if resume:
+        tw.restore(checkpoint)
+        partial = partial_dir(outdir) if tw.domain.rank == 0 else None
+    else:
+        partial = prepare_output(outdir, overwrite) if tw.domain.rank == 0 else None
     try:
-        tw.run(progress=not quiet)
+        tw.run(progress=not quiet, checkpoint=lambda t: t.checkpoint(checkpoint),
+               checkpoint_every=case.run.restart_every)
         summary = summarise(tw)
         final = tw.domain.gather(tw.ensemble)
         if partial is not None:
@@ -68,10 +87,12 @@ def run_case(path: str | Path, overrides: tuple[str, ...] = (), out: str | Path 
                 from twin.plots import plot_run
 
                 plot_run(partial)
+            for f in partial.glob(checkpoint.stem + "*" + checkpoint.suffix):
+                f.unlink()
             finish_output(partial, outdir)
-    except BaseException:
-        if partial is not None and partial.exists():
-            shutil.rmtree(partial, ignore_errors=True)
+    except Exception:
+        if partial is not None and partial.exists() and not checkpoint.exists():
+            shutil.rmtree(partial, ignore_errors=True)  # nothing to resume from: leave nothing behind
         raise
     summary["wall_seconds"] = time.perf_counter() - start
     summary["out"] = str(outdir)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time as _time
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -25,6 +25,15 @@ from twin.random import Streams
 from twin.record import RunRecorder
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
+CHECKPOINT_FORMAT = 1
+
+
+def _chunk_path(path: Path, index: int) -> Path:
+    return path.with_name(f"{path.stem}-records-{index:05d}{path.suffix}")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot continue this case: one line naming the file."""
 
 
 class Twin:
@@ -138,24 +147,94 @@ class Twin:
         self.assimilate(obs)
         return self.forecast()
 
-    def run(self, cycles: int | None = None, progress: bool = False) -> dict:
-        """Run `cycles` cycles (default: the case's remaining ones) and return the summary metrics."""
+    def run(self, cycles: int | None = None, progress: bool = False,
+            checkpoint: Callable[["Twin"], None] | None = None, checkpoint_every: int = 0) -> dict:
+        """Run `cycles` cycles (default: the case's remaining ones) and return the summary metrics.
+
+        `checkpoint(twin)` is called every `checkpoint_every` cycles (its time is not counted in
+        cycles_per_second, which measures the assimilate-and-forecast loop only).
+        """
         n = self.case.run.cycles - self.cycle if cycles is None else cycles
         bar = None
         if progress and self.domain.rank == 0:
             from tqdm import tqdm
 
-            bar = tqdm(total=n, desc=self.case.name, unit="cycle", leave=False)
+            bar = tqdm(total=n, desc=self.case.name, unit="cycle", leave=False, initial=0)
         self.nature.prepare(self.cycle, self.cycle + n)
         start = _time.perf_counter()
         for _ in range(n):
             self.step()
             if bar is not None:
                 bar.update()
+            if checkpoint is not None and checkpoint_every and self.cycle % checkpoint_every == 0:
+                self.loop_seconds += _time.perf_counter() - start
+                checkpoint(self)
+                start = _time.perf_counter()
         self.loop_seconds += _time.perf_counter() - start
         if bar is not None:
             bar.close()
         return self.summary()
+
+    # ------------------------------------------------------------ checkpoints
+
+    def checkpoint(self, path: str | Path) -> None:
+        """Save everything needed to continue bit-identically (collective; rank 0 writes).
+
+        The records since the previous checkpoint go to a numbered chunk file next to `path`, so
+        each checkpoint costs what it adds, not the whole history.
+        """
+        ensemble, truth = self.domain.gather(self.ensemble), self.domain.gather(self.truth)
+        if self.domain.rank != 0:
+            return
+        from twin.config import case_to_dict
+        from twin.io import atomic_output
+
+        path = Path(path)
+        marks = getattr(self, "_checkpoint_marks", {"chunks": 0, "lengths": None, "path": path})
+        if marks["path"] != path:
+            marks = {"chunks": 0, "lengths": None, "path": path}
+        with atomic_output(_chunk_path(path, marks["chunks"])) as tmp:
+            torch.save(self.recorder.records_since(marks["lengths"]), tmp)
+        marks = {"chunks": marks["chunks"] + 1, "lengths": self.recorder.lengths(), "path": path}
+        state = {"format": CHECKPOINT_FORMAT, "config": case_to_dict(self.case), "cycle": self.cycle,
+                 "time": self.time, "ensemble": ensemble, "truth": truth, "loop_seconds": self.loop_seconds,
+                 "chunks": marks["chunks"], "rank_counts": self.recorder.rank_counts}
+        with atomic_output(path) as tmp:
+            torch.save(state, tmp)
+        self._checkpoint_marks = marks
+
+    def restore(self, path: str | Path) -> None:
+        """Continue from a checkpoint of the same case; `CheckpointError` if it does not fit."""
+        from twin.config import case_to_dict
+
+        state, error = None, None
+        if self.domain.rank == 0:
+            try:
+                state = torch.load(path, weights_only=False)
+            except Exception as e:  # noqa: BLE001 - torch raises many types on corrupt files
+                error = f"{path}: not a readable checkpoint ({type(e).__name__})"
+            else:
+                if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+                    error = f"{path}: not an EarthTwin checkpoint of format {CHECKPOINT_FORMAT}"
+                elif state["config"] != case_to_dict(self.case):
+                    error = f"{path}: written for a different configuration of case {self.case.name!r}"
+        meta = None if state is None or error else (state["cycle"], state["time"], state["loop_seconds"])
+        error, meta = self.domain.bcast_object((error, meta))
+        if error:
+            raise CheckpointError(error)
+        self.cycle, self.time, self.loop_seconds = meta
+        self.ensemble = self.domain.scatter(None if state is None else state["ensemble"])
+        truth = self.domain.scatter(None if state is None else state["truth"])
+        self.nature = NatureRun(self.truth_model, self.observer, truth, self.steps_per_cycle, self.cycle)
+        if state is not None:
+            path = Path(path)
+            for i in range(state["chunks"]):
+                try:
+                    self.recorder.extend_records(torch.load(_chunk_path(path, i), weights_only=False))
+                except Exception as e:  # noqa: BLE001
+                    raise CheckpointError(f"{_chunk_path(path, i)}: unreadable checkpoint chunk ({type(e).__name__})") from None
+            self.recorder.rank_counts = state["rank_counts"]
+            self._checkpoint_marks = {"chunks": state["chunks"], "lengths": self.recorder.lengths(), "path": path}
 
     def summary(self) -> dict:
         """Metrics averaged after burn-in, the run's shape and its speed."""
