@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from twin.config import ConfigError
+from twin.domain import mpi_world
 from twin.io import DatasetError, RestartError
 from twin.twin import CheckpointError
 
@@ -56,11 +57,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _is_root() -> bool:
-    if "mpi4py" not in sys.modules:
-        return True
-    from mpi4py import MPI
-
-    return MPI.COMM_WORLD.Get_rank() == 0
+    world = mpi_world()
+    return world is None or world.Get_rank() == 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +82,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _abort_on_failure(code: int, message: str | None, user_error: bool) -> int:
+    """Under MPI a failure on one rank must end every rank promptly: print once, then Abort.
+
+    A user error happens alike on every rank, so only rank 0 reports it; any other failure is
+    reported by the rank that met it, with its rank number.
+    """
+    world = mpi_world()
+    if world is None:
+        if message is not None:
+            _fail(message)
+        return code
+    rank = world.Get_rank()
+    if message is not None and (rank == 0 or not user_error):
+        print(f"error: {message}" if user_error else f"error (rank {rank}): {message}", file=sys.stderr, flush=True)
+    sys.stderr.flush()
+    world.Abort(code)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (also used in-process by the tests)."""
     from twin.runner import UserError
@@ -95,9 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     except (*USER_ERRORS, UserError) as e:
-        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return _abort_on_failure(2, str(e).splitlines()[0] if str(e) else type(e).__name__, True)
     except KeyboardInterrupt:
-        return _fail("interrupted")
+        return _abort_on_failure(2, "interrupted", True)
+    except Exception as e:
+        if mpi_world() is None:
+            raise  # an internal error: the traceback is for the developers; exit code 1
+        import traceback
+
+        traceback.print_exc()
+        return _abort_on_failure(1, f"{type(e).__name__}: {e}", False)
 
 
 if __name__ == "__main__":

@@ -160,17 +160,28 @@ def pad_halo(x: torch.Tensor, widths: Sequence[int], periodic: Sequence[bool]) -
     return x
 
 
-def make_domain(grid: Grid, decomposition: str = "auto") -> Decomposition:
-    """The serial backend unless running under mpiexec with more than one rank."""
+def mpi_world():
+    """COMM_WORLD when this process is one of several launched by mpiexec, else None.
+
+    mpi4py is imported only when a launcher's environment says so (or it is already imported),
+    so serial runs never load MPI.
+    """
     import os
     import sys
 
     launched = any(k in os.environ for k in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "MPI_LOCALNRANKS"))
-    if decomposition != "serial" and (launched or "mpi4py" in sys.modules):
-        from mpi4py import MPI
+    if not (launched or "mpi4py" in sys.modules):
+        return None
+    from mpi4py import MPI
 
-        if MPI.COMM_WORLD.Get_size() > 1:
-            from twin.mpi_domain import MPIDomain
+    return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
 
-            return MPIDomain(grid, MPI.COMM_WORLD)
+
+def make_domain(grid: Grid, decomposition: str = "auto") -> Decomposition:
+    """The serial backend unless running under mpiexec with more than one rank."""
+    world = mpi_world() if decomposition != "serial" else None
+    if world is not None:
+        from twin.mpi_domain import MPIDomain
+
+        return MPIDomain(grid, world)
     return SerialDomain(grid)
