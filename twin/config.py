@@ -266,6 +266,36 @@ def _validate(case: CaseConfig, file: str) -> None:
             validate_model(case.model.config)
     except ValueError as e:
         raise ConfigError(file, "model", str(e)) from None
+    _check_memory(case, file)
+
+
+def _physical_memory() -> int:
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
+def estimated_bytes(case: CaseConfig) -> int:
+    """A rough upper estimate of a run's memory: ensemble with model temporaries, plus what the
+    recorder keeps for the output files (all members or mean and spread at every written cycle)."""
+    cls = model_registry[case.model.kind]
+    state = cls.global_grid(case.model.config).size * len(getattr(cls, "variables", (None,)))
+    itemsize = 8 if case.run.dtype == "float64" else 4
+    members = case.ensemble.size
+    written = -(-case.run.cycles // case.output.every)
+    kept = (members if case.output.members == "all" else 2) + 3  # + background mean, spread, truth
+    return itemsize * state * ((members + 2) * 8 + written * kept)
+
+
+def _check_memory(case: CaseConfig, file: str) -> None:
+    need, have = estimated_bytes(case), int(0.8 * _physical_memory())
+    if need > have:
+        raise ConfigError(file, "model.size", f"the run needs about {need / 2**30:.1f} GiB of memory, more than the "
+                          f"{have / 2**30:.1f} GiB available (shrink model.size, ensemble.size or run.cycles, "
+                          f"or thin output.every / output.members: mean)")
 
 
 # ---------------------------------------------------------------- overrides and loading
