@@ -41,6 +41,10 @@ class Lorenz96:
     def global_grid(config: "Lorenz96.Config") -> Grid:
         return Grid(shape=(config.size,), periodic=(True,), dims=("x",), units="1")
 
+    def initial_state(self, noise: torch.Tensor) -> torch.Tensor:
+        """The rest state F perturbed by unit noise (the truth run spins up from it)."""
+        return self.forcing + noise
+
     def tendency(self, x: torch.Tensor) -> torch.Tensor:
         """dx/dt on the local subdomain (halo exchanged here)."""
         xp = self.domain.exchange_halo(x, self.halo)

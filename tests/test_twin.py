@@ -54,3 +54,27 @@ def test_sakov2008_cases_short_version(case, bar):
     s = Twin.from_yaml(CASES / case, ["run.cycles=300", "run.burn_in=100"]).run()
     assert s["rmse_analysis"] <= bar
     assert 0.5 < s["spread_analysis"] / s["rmse_analysis"] < 2.0
+
+
+def test_a_separate_truth_model_gives_model_error():
+    perfect = Twin.from_yaml(CASES / "lorenz96_letkf.yaml", SHORT).run()
+    imperfect_case = SHORT + ["truth.model={kind: lorenz96, size: 40, forcing: 9.0, dt: 0.05}"]
+    tw = Twin.from_yaml(CASES / "lorenz96_letkf.yaml", imperfect_case)
+    assert tw.truth_model is not tw.model and tw.truth_model.forcing == 9.0
+    assert tw.run()["rmse_analysis"] > perfect["rmse_analysis"]
+
+
+def test_truth_model_on_another_grid_is_a_config_error():
+    from twin.config import ConfigError
+
+    with pytest.raises(ConfigError, match="truth.model"):
+        Twin.from_yaml(CASES / "lorenz96_letkf.yaml", ["truth.model={kind: lorenz96, size: 41}"])
+
+
+def test_persistence_model_keeps_the_state():
+    tw = Twin.from_yaml(CASES / "lorenz96_letkf.yaml", SHORT + [
+        "model={kind: persistence, shape: [6, 8], periodic: [true, false]}",
+        "assimilation.stages.0.localization_radius=2"])
+    before = tw.ensemble.clone()
+    tw.forecast()
+    assert torch.equal(tw.ensemble, before) and tw.ensemble.shape == (7, 1, 6, 8)

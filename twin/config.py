@@ -44,6 +44,8 @@ class StageSpec:
 class TruthConfig:
     seed: int = field(default=1, metadata={"help": "seed of the truth run's initial perturbation"})
     spinup_steps: int = field(default=1000, metadata={"min": 0, "help": "model steps discarded before cycle 0"})
+    model: Any = field(default=None, metadata={
+        "help": "model of the nature run ({kind: ..., ...}, same grid); null = the forecast model"})
 
 
 @dataclass(frozen=True)
@@ -233,6 +235,11 @@ def _parse_case(raw: Any, file: str) -> CaseConfig:
         method, cfg = _parse_registered(s, f"assimilation.stages.{i}", file, "method", stage_registry)
         stages.append(StageSpec(method, cfg))
     kind, model_cfg = _parse_registered(model, "model", file, "kind", model_registry)
+    truth_model = None
+    if isinstance(raw.get("truth"), dict) and raw["truth"].get("model") is not None:
+        raw["truth"] = dict(raw["truth"])
+        truth_kind, truth_cfg = _parse_registered(raw["truth"].pop("model"), "truth.model", file, "kind", model_registry)
+        truth_model = ModelSpec(truth_kind, truth_cfg)
     hints = typing.get_type_hints(CaseConfig)
     simple = {f.name for f in dataclasses.fields(CaseConfig)} - {"model", "assimilation"}
     kwargs: dict[str, Any] = {}
@@ -243,6 +250,8 @@ def _parse_case(raw: Any, file: str) -> CaseConfig:
         kwargs[k] = _coerce(hints[k], v, k, file)
     if "name" not in kwargs:
         raise ConfigError(file, "name", "missing required key")
+    if truth_model is not None:
+        kwargs["truth"] = dataclasses.replace(kwargs["truth"], model=truth_model)
     case = CaseConfig(model=ModelSpec(kind, model_cfg), assimilation=AssimilationConfig(tuple(stages)), **kwargs)
     _validate(case, file)
     return case
@@ -266,6 +275,10 @@ def _validate(case: CaseConfig, file: str) -> None:
             validate_model(case.model.config)
     except ValueError as e:
         raise ConfigError(file, "model", str(e)) from None
+    if case.truth.model is not None:
+        grids = [model_registry[m.kind].global_grid(m.config) for m in (case.model, case.truth.model)]
+        if grids[0].shape != grids[1].shape:
+            raise ConfigError(file, "truth.model", f"grid {grids[1].shape} differs from the forecast model's {grids[0].shape}")
     _check_memory(case, file)
 
 

@@ -47,7 +47,9 @@ class Twin:
         self.grid = model_cls.global_grid(case.model.config)
         self.domain = make_domain(self.grid, case.domain.decomposition)
         self.model = model_cls(case.model.config, self.domain, self.dtype)
-        self.truth_model = self.model
+        truth_spec = case.truth.model
+        self.truth_model = (self.model if truth_spec is None else
+                            model_registry[truth_spec.kind](truth_spec.config, self.domain, self.dtype))
         self.stages = [stage_registry[s.method](s.config) for s in case.assimilation.stages]
         self.ensemble_streams = Streams(case.ensemble.seed)
         self.observer = SyntheticObserver(
@@ -73,13 +75,13 @@ class Twin:
                                     self.domain.local_flat_indices(), self.domain.local_shape, self.dtype)
 
     def _spun_up_truth(self) -> torch.Tensor:
-        """Truth at cycle 0: a perturbed rest state spun up for `truth.spinup_steps` steps."""
-        cfg = self.case.model.config
-        base = float(getattr(cfg, "forcing", 0.0))
-        x = base + self._local_normals(Streams(self.case.truth.seed), "truth", (0,), 1)
-        x = x.to(self.dtype)
-        for _ in range(self.case.truth.spinup_steps):
-            x = self.truth_model.step(x, 0.0)
+        """Truth at cycle 0: the truth model's initial state from N(0, 1) noise (the model's
+        `initial_state(noise)` if it has one, else the noise), spun up `truth.spinup_steps` steps."""
+        noise = self._local_normals(Streams(self.case.truth.seed), "truth", (0,), 1)
+        make = getattr(self.truth_model, "initial_state", None)
+        x = (make(noise) if make is not None else noise).to(self.dtype)
+        for i in range(self.case.truth.spinup_steps):
+            x = self.truth_model.step(x, (i - self.case.truth.spinup_steps) * self.truth_model.dt)
         return x[0]
 
     def _initial_ensemble(self, truth0: torch.Tensor) -> torch.Tensor:
