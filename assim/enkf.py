@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from assim.inflation import check_config, post_process, rotation_draw
+from assim.inflation import PostProcessing, check_config, post_process, rotation_draw
 from assim.letkf import letkf_analysis
 from assim.observations import ObservationBatch
 from assim.obsspace import gather_obs_space
@@ -85,17 +85,9 @@ class Enkf:
     """Global EnKF stage: `variant` pertobs (stochastic) or sqrt (deterministic ETKF)."""
 
     @dataclass(frozen=True)
-    class Config:
+    class Config(PostProcessing):
         variant: Literal["pertobs", "sqrt"] = field(default="sqrt", metadata={
             "help": "pertobs (perturbed observations) or sqrt (symmetric square root, ETKF)"})
-        inflation: float = field(default=1.0, metadata={
-            "min": 1.0, "help": "multiplies the analysis anomalies after the update (DAPPER's infl)"})
-        rotation: bool = field(default=False, metadata={
-            "help": "random mean-preserving rotation of the analysis anomalies (DAPPER's rot)"})
-        rtps: float = field(default=0.0, metadata={
-            "min": 0.0, "max": 1.0, "help": "relaxation to prior spread (RTPS alpha)"})
-        rtpp: float = field(default=0.0, metadata={
-            "min": 0.0, "max": 1.0, "help": "relaxation to prior perturbations (RTPP alpha)"})
 
     def __init__(self, config: "Enkf.Config") -> None:
         if config.variant not in VARIANTS:

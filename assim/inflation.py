@@ -13,8 +13,10 @@ Order: RTPP, then RTPS (both relative to the raw analysis), then inflation, then
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 
 import numpy as np
+
 import torch
 
 from twin.random import generator
@@ -49,6 +51,20 @@ def _cached(kind: str, n_members: int, dtype: torch.dtype, device: str) -> torch
     else:
         raise KeyError(kind)
     return torch.as_tensor(out, dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
+class PostProcessing:
+    """Analysis post-processing keys shared by the ensemble Kalman filters (DAPPER's conventions)."""
+
+    inflation: float = field(default=1.0, metadata={
+        "min": 1.0, "help": "multiplies the analysis anomalies after the update (DAPPER's infl)"})
+    rotation: bool = field(default=False, metadata={
+        "help": "random mean-preserving rotation of the analysis anomalies (DAPPER's rot)"})
+    rtps: float = field(default=0.0, metadata={
+        "min": 0.0, "max": 1.0, "help": "relaxation to prior spread (RTPS alpha)"})
+    rtpp: float = field(default=0.0, metadata={
+        "min": 0.0, "max": 1.0, "help": "relaxation to prior perturbations (RTPP alpha)"})
 
 
 def ensemble_basis(n_members: int, dtype: torch.dtype = torch.float64,

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from assim.inflation import (anomaly_map, check_config, ensemble_projector, observation_projector,
-                             relax, rotation_draw)
+from assim.inflation import (PostProcessing, anomaly_map, check_config, ensemble_projector,
+                             observation_projector, relax, rotation_draw)
 from assim.localization import taper_matrix
 from assim.observations import ObservationBatch
 from assim.obsspace import ObsSpace, gather_obs_space
@@ -109,19 +109,11 @@ class Letkf:
     """LETKF stage: Gaspari–Cohn localised R⁻¹, DAPPER's inflation/rotation conventions."""
 
     @dataclass(frozen=True)
-    class Config:
-        inflation: float = field(default=1.0, metadata={
-            "min": 1.0, "help": "multiplies the analysis anomalies after the update (DAPPER's infl)"})
+    class Config(PostProcessing):
         prior_inflation: float = field(default=1.0, metadata={
             "min": 1.0, "help": "Hunt's rho inside P~ (multiplicative prior inflation)"})
         localization_radius: float | None = field(default=None, metadata={
             "gt": 0.0, "help": "distance where the Gaspari-Cohn taper is exp(-1/2); null = global ETKF"})
-        rotation: bool = field(default=False, metadata={
-            "help": "random mean-preserving rotation of the analysis anomalies (DAPPER's rot)"})
-        rtps: float = field(default=0.0, metadata={
-            "min": 0.0, "max": 1.0, "help": "relaxation to prior spread (RTPS alpha)"})
-        rtpp: float = field(default=0.0, metadata={
-            "min": 0.0, "max": 1.0, "help": "relaxation to prior perturbations (RTPP alpha)"})
 
     def __init__(self, config: "Letkf.Config") -> None:
         check_config("letkf", inflation=config.inflation, prior_inflation=config.prior_inflation,
