@@ -25,7 +25,7 @@ test-serial: $(STAMP)
 	$(PY) -m pytest -q -m "not mpi and not slow"
 
 test-mpi: $(STAMP)
-	$(VENV)/bin/mpiexec -n 2 $(PY) -m mpi4py -m pytest -q --with-mpi -m mpi -p no:cacheprovider
+	timeout 900 $(VENV)/bin/mpiexec -n 2 $(PY) -m mpi4py -m pytest -q --with-mpi -m mpi -p no:cacheprovider
 
 bench-dapper:
 	test -x .venv-bench/bin/python || ($(PYTHON) -m venv .venv-bench && .venv-bench/bin/pip install --quiet torch==2.13.0 dapper)

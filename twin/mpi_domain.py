@@ -61,8 +61,11 @@ class MPIDomain:
                 continue
             dim = x.dim() - nd + axis
             n = x.shape[dim]
-            if w > n:
-                raise ValueError(f"halo width {w} exceeds the local size {n} along axis {axis}")
+            smallest = min(b - a for a, b in (block_range(self.grid.shape[axis], self.dims[axis], i)
+                                              for i in range(self.dims[axis])))
+            if w > smallest:  # decided alike on every rank, so no rank is left waiting in Sendrecv
+                raise ValueError(f"halo width {w} exceeds the smallest subdomain ({smallest} points along "
+                                 f"axis {axis}): use fewer ranks")
             lo_src, hi_dst = self.comm.Shift(axis, 1)  # receive from lower, send to upper
             send_hi = np.ascontiguousarray(x.narrow(dim, n - w, w).numpy())
             send_lo = np.ascontiguousarray(x.narrow(dim, 0, w).numpy())
