@@ -87,3 +87,14 @@ def test_resume_errors_are_one_line(tmp_path, capsys):
     assert main(["run", str(case), "--out", str(tmp_path / "x"), "--resume"]) == 2
     err = capsys.readouterr().err
     assert "not a readable checkpoint" in err and err.count("\n") == 1
+
+
+def test_same_case_and_seed_give_bit_identical_outputs(tmp_path):
+    case = tmp_path / "case.yaml"
+    case.write_text(CASE.replace("CYCLES", "40").replace("FRACTION", "0.7"))
+    for name in ("a", "b"):
+        assert main(["run", str(case), "--out", str(tmp_path / name), "--quiet"]) == 0
+    same_outputs(tmp_path / "a", tmp_path / "b")
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert s["seeds"] == {"truth": 1, "ensemble": 2, "observations": 3}
+    assert {"earthtwin", "torch", "numpy"} <= set(s["versions"]) and s["config"]["name"] == "resume-test"
