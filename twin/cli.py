@@ -13,9 +13,10 @@ from twin.config import ConfigError
 from twin.domain import mpi_world
 from twin.io import DatasetError, RestartError
 from twin.twin import CheckpointError
+from assim.obsfiles import ObservationFileError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DatasetError, RestartError, CheckpointError,
-                                                FileNotFoundError)
+                                                ObservationFileError, FileNotFoundError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,6 +98,10 @@ def _abort_on_failure(code: int, message: str | None, user_error: bool) -> int:
     if message is not None and (rank == 0 or not user_error):
         print(f"error: {message}" if user_error else f"error (rank {rank}): {message}", file=sys.stderr, flush=True)
     sys.stderr.flush()
+    if user_error and rank != 0:
+        import time
+
+        time.sleep(3.0)  # rank 0 meets the same user error: let it report before the abort
     world.Abort(code)
     return code
 

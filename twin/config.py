@@ -55,6 +55,12 @@ class ObservationsConfig:
     error_std: float = field(default=1.0, metadata={"gt": 0, "help": "observation error standard deviation"})
     fraction: float = field(default=1.0, metadata={"gt": 0, "max": 1, "help": "fraction of the state observed"})
     seed: int = field(default=3, metadata={"help": "seed of the observation noise and selection"})
+    path: str | None = field(default=None, metadata={
+        "help": "observation file (CF DSG netCDF point/timeSeries, or CSV); null = synthetic from the truth"})
+    time_window: float | None = field(default=None, metadata={
+        "gt": 0, "help": "half-width of the window [t-h, t+h) matched to a cycle; null = half a cycle"})
+    gross_error_k: float | None = field(default=None, metadata={
+        "gt": 0, "help": "reject |y - H(mean)| > k sqrt(sigma_o^2 + sigma_b^2); null = no check"})
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,7 @@ class RunRecorder:
             if p.obs is not None and p.obs.size:
                 self.observations.append({
                     "time": p.time, "ids": p.obs.ids, "values": p.obs.values, "error_std": p.obs.error_std,
-                    "locations": p.obs.locations, "omb": omb[i], "oma": oma[i],
+                    "locations": p.obs.locations, "variable": p.obs.operator.variable, "omb": omb[i], "oma": oma[i],
                 })
 
     _STATE = ("times", "cycles", "per_cycle", "out_cycles", "analysis", "analysis_spread", "background_mean",

@@ -110,6 +110,7 @@ def summarise(tw: Twin) -> dict:
         **{k: s[k] for k in ("rmse_analysis", "rmse_forecast", "spread_analysis", "spread_forecast",
                              "crps_analysis", "omb_rms", "oma_rms")},
         "obs_used": int(sum(float(v) for v in tw.recorder.per_cycle["obs_count"])),
+        "obs_rejected": tw.file_observations.rejected if tw.file_observations is not None else {},
         "wall_seconds": None,
         "cycles_per_second": s["cycles_per_second"],
         "ranks": s["ranks"],
@@ -166,13 +167,13 @@ def write_outputs(tw: Twin, folder: Path, final: torch.Tensor) -> None:
 def write_observations(tw: Twin, path: Path, common: dict) -> None:
     obs = tw.recorder.observations
     cat = (lambda k: torch.cat([o[k] for o in obs]).double().numpy()) if obs else (lambda k: np.zeros(0))
-    n_grid = tw.grid.size
     ids = torch.cat([o["ids"] for o in obs]).numpy() if obs else np.zeros(0, dtype=np.int64)
+    variable = torch.cat([torch.as_tensor(o["variable"]) for o in obs]).numpy() if obs else np.zeros(0, dtype=np.int64)
     times = np.concatenate([np.full(o["ids"].shape[0], o["time"]) for o in obs]) if obs else np.zeros(0)
     locations = cat("locations").reshape(-1, tw.grid.ndim) if obs else np.zeros((0, tw.grid.ndim))
     extra = {"omb": (("obs",), cat("omb"), {"long_name": "observation minus background mean"}),
              "oma": (("obs",), cat("oma"), {"long_name": "observation minus analysis mean"})}
-    ds = io.observations_dataset(times, locations, ids // n_grid, cat("values"), cat("error_std"), ids,
+    ds = io.observations_dataset(times, locations, variable, cat("values"), cat("error_std"), ids,
                                  tw.grid, tw.model.variables, extra=extra, **common)
     io.write_netcdf_atomic(ds, path)
 

@@ -55,6 +55,17 @@ class Twin:
         self.observer = SyntheticObserver(
             self.grid, len(self.model.variables), case.observations.operator, case.observations.error_std,
             case.observations.fraction, Streams(case.observations.seed), self.dtype, self.domain)
+        self.file_observations = None
+        obs_cfg = case.observations
+        if obs_cfg.path is not None:
+            from twin.obsource import FileObservations
+
+            cycle_length = obs_cfg.every * self.model.dt
+            self.file_observations = FileObservations(
+                obs_cfg.path, self.grid, self.domain, self.model.variables, start=case.run.start,
+                time_unit_seconds=self.model.time_unit_seconds, default_error_std=obs_cfg.error_std,
+                half_width=obs_cfg.time_window or cycle_length / 2, gross_error_k=obs_cfg.gross_error_k,
+                dtype=self.dtype)
         self.recorder = RunRecorder(members=case.ensemble.size, output_every=case.output.every,
                                     keep_members=case.output.members == "all", burn_in=case.run.burn_in)
         self.cycle = 0
@@ -101,13 +112,17 @@ class Twin:
         return self.nature.truth(self.cycle)
 
     def observe(self) -> ObservationBatch:
-        """Synthetic observations of the truth at the current cycle."""
+        """The observations of the current cycle: from the file, else synthetic from the truth."""
+        if self.file_observations is not None:
+            return self.file_observations.at(self.time)
         return self.nature.observations(self.cycle)
 
     def assimilate(self, obs: ObservationBatch | None = None) -> torch.Tensor:
         """Run the stages on the current (prior) ensemble; record and return the analysis."""
         if obs is None:
             obs = self.observe()
+            if self.file_observations is not None:
+                obs = self.file_observations.screen_background(obs, self.ensemble)
         prior = self.ensemble
         ens = prior
         ctx = AnalysisContext(self.grid, self.domain, self.ensemble_streams, self.cycle)
@@ -127,10 +142,13 @@ class Twin:
         parts = dom.allgather_object((obs.ids.numpy(), obs.values.numpy(), obs.error_std.numpy()))
         if dom.rank != 0:
             return
-        ids, values, err = (torch.from_numpy(np.concatenate([p[i] for p in parts])) for i in range(3))
-        order = torch.argsort(ids, stable=True)
-        op = self.observer.global_operator(ids[order])
-        global_obs = ObservationBatch(obs.time, values[order], err[order], ids[order], op)
+        if self.file_observations is not None:
+            global_obs = self.file_observations.global_batch(obs.time)
+        else:
+            ids, values, err = (torch.from_numpy(np.concatenate([p[i] for p in parts])) for i in range(3))
+            order = torch.argsort(ids, stable=True)
+            op = self.observer.global_operator(ids[order])
+            global_obs = ObservationBatch(obs.time, values[order], err[order], ids[order], op)
         self.recorder.record(self.cycle, self.time, prior_g, ens_g, truth_g, global_obs)
 
     def forecast(self) -> torch.Tensor:
