@@ -39,10 +39,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from twin.config import load_case
+    from twin.config import load_case, read_yaml
 
+    raw = read_yaml(args.case)
+    if isinstance(raw, dict) and "base" in raw and "model" not in raw:  # a hindcast campaign
+        from twin.campaign import load_campaign
+
+        campaign = load_campaign(args.case)
+        base = Path(args.case).parent / campaign.base
+        load_case(base, campaign.overrides)
+        print(f"{args.case}: ok (campaign {campaign.name} on {base})")
+        return 0
     case = load_case(args.case, tuple(args.set))
     print(f"{args.case}: ok ({case.name}: {case.model.kind}, {case.method}, {case.run.cycles} cycles)")
+    return 0
+
+
+def _cmd_hindcast(args: argparse.Namespace) -> int:
+    from twin.campaign import run_campaign
+
+    summary = run_campaign(args.campaign, args.out, args.quiet)
+    if summary:
+        rmse = summary["mean_over_init"]["rmse_forecast"]
+        print(f"{summary['campaign']}: {len(summary['init_time'])} forecasts, mean RMSE at lead 0 "
+              f"{rmse[0]:.3f}, at lead {summary['lead_time'][-1]:g} {rmse[-1]:.3f}")
     return 0
 
 
@@ -77,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("case")
     val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     val.set_defaults(func=_cmd_validate)
+    hind = sub.add_parser("hindcast", help="run a hindcast campaign (alone or under mpiexec)")
+    hind.add_argument("campaign", help="campaign YAML file")
+    hind.add_argument("--out", help="output folder (wins over the campaign's out)")
+    hind.add_argument("--quiet", action="store_true", help="no progress bar")
+    hind.set_defaults(func=_cmd_hindcast)
     plot = sub.add_parser("plot", help="(re)draw the figures of a run folder")
     plot.add_argument("dir")
     plot.set_defaults(func=_cmd_plot)

@@ -177,11 +177,18 @@ def mpi_world():
     return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
 
 
-def make_domain(grid: Grid, decomposition: str = "auto") -> Decomposition:
-    """The serial backend unless running under mpiexec with more than one rank."""
-    world = mpi_world() if decomposition != "serial" else None
-    if world is not None:
+def make_domain(grid: Grid, decomposition: str = "auto", comm: object | None = None) -> Decomposition:
+    """The serial backend unless running under mpiexec with more than one rank.
+
+    `comm` (an mpi4py communicator) restricts the decomposition to a group of ranks, e.g. one
+    forecast of a hindcast campaign; by default all ranks of COMM_WORLD share the grid.
+    """
+    if decomposition == "serial":
+        return SerialDomain(grid)
+    if comm is None:
+        comm = mpi_world()
+    if comm is not None and comm.Get_size() > 1:
         from twin.mpi_domain import MPIDomain
 
-        return MPIDomain(grid, world)
+        return MPIDomain(grid, comm)
     return SerialDomain(grid)

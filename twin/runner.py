@@ -54,7 +54,7 @@ def partial_dir(outdir: Path) -> Path:
 
 
 def run_case(path: str | Path, overrides: tuple[str, ...] = (), out: str | Path | None = None,
-             overwrite: bool = False, quiet: bool = False, resume: bool = False) -> dict:
+             overwrite: bool = False, quiet: bool = False, resume: bool = False, comm: object | None = None) -> dict:
     """Run a case end to end and return its summary (also written as summary.json).
 
     A checkpoint is kept in `DIR.partial/checkpoint.pt` every `run.restart_every` cycles;
@@ -68,7 +68,7 @@ def run_case(path: str | Path, overrides: tuple[str, ...] = (), out: str | Path 
         raise UserError(f"{outdir}: output folder exists (pass --overwrite to replace it)")
     if resume and not checkpoint.is_file():
         raise UserError(f"{checkpoint}: no checkpoint to resume from")
-    tw = Twin(case)
+    tw = Twin(case, comm)
     if resume:
         tw.restore(checkpoint)
         partial = partial_dir(outdir) if tw.domain.rank == 0 else None

@@ -39,13 +39,13 @@ class CheckpointError(Exception):
 class Twin:
     """A digital twin built from a case: `Twin.from_yaml(path).run(cycles)`."""
 
-    def __init__(self, case: CaseConfig) -> None:
+    def __init__(self, case: CaseConfig, comm: object | None = None) -> None:
         torch.set_num_threads(case.run.threads)
         self.case = case
         self.dtype = DTYPES[case.run.dtype]
         model_cls = model_registry[case.model.kind]
         self.grid = model_cls.global_grid(case.model.config)
-        self.domain = make_domain(self.grid, case.domain.decomposition)
+        self.domain = make_domain(self.grid, case.domain.decomposition, comm)
         self.model = model_cls(case.model.config, self.domain, self.dtype)
         truth_spec = case.truth.model
         self.truth_model = (self.model if truth_spec is None else
