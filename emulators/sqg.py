@@ -117,9 +117,15 @@ class SQG:
         prof = -amp * torch.cos(l * y)
         return prof[None, :, None].expand(2, n, n).to(dtype).clone()
 
+    def initial_state(self, noise: torch.Tensor) -> torch.Tensor:
+        """The twin's truth start: the equilibrium jet plus unit white noise (local block, K); the
+        noise seeds baroclinic instability (spin up ~100 days)."""
+        jet = self.equilibrium(self.config, noise.dtype)[(Ellipsis,) + tuple(self.domain.local_slices)]
+        return jet + noise
+
     @staticmethod
-    def initial_state(config: "SQG.Config", seed: int, members: int = 1, perturbation: float = 1.0,
-                      dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    def seeded_state(config: "SQG.Config", seed: int, members: int = 1, perturbation: float = 1.0,
+                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """Global (members, 2, y, x): the equilibrium jet + white noise of std `perturbation` K drawn
         from numpy's Generator(seed); the noise seeds baroclinic instability (spin up ~100 days)."""
         rng = np.random.default_rng(seed)

@@ -1,0 +1,156 @@
+"""The diffusion emulator's checkpoint file: what it holds, how it is written and checked.
+
+A checkpoint is a `torch.save`d dict (loaded with `weights_only=True`, so a file cannot run code):
+format tag and version, the EarthTwin version that wrote it, the network's architecture keys and
+state_dict (EMA weights), EDM σ_d, the variables (names, units, long names), grid shape and
+periodicity, static input channels, the emulator step Δ in seconds, per-variable standardisation
+statistics of the state and of the Δ-increment, and free-form training metadata.
+Any mismatch raises `CheckpointMismatch("PATH: what")` — one line, a user error (exit 2).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from emulators.diffusion.network import NetworkConfig, UNetLite
+
+FORMAT = "earthtwin-diffusion"
+FORMAT_VERSION = 1
+STATIC_CHANNELS = ("cos_y", "sin_y", "cos_x", "sin_x")
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+_STAT_KEYS = ("state_mean", "state_std", "inc_mean", "inc_std")
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that cannot serve here: missing, not a checkpoint, or the wrong shape/kind."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded, checked checkpoint (the network is built but not yet cast to a dtype)."""
+
+    path: str
+    network_config: NetworkConfig
+    state_dict: dict[str, torch.Tensor]
+    sigma_data: float
+    variables: tuple[tuple[str, str, str], ...]  # (name, units, long_name)
+    grid_shape: tuple[int, ...]
+    periodic: tuple[bool, ...]
+    static: tuple[str, ...]
+    dt_seconds: float
+    stats: dict[str, tuple[float, ...]]
+    version: str
+    training: dict
+
+    def build_network(self) -> UNetLite:
+        net = UNetLite(self.network_config)
+        net.load_state_dict(self.state_dict)
+        return net.eval().requires_grad_(False)
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """The checkpoint path as given (relative to the working directory), else a file of that name in
+    the shipped weights folder `emulators/weights/`."""
+    p = Path(path)
+    if not p.exists() and not p.is_absolute() and (WEIGHTS_DIR / p.name).exists():
+        return WEIGHTS_DIR / p.name
+    return p
+
+
+def save_checkpoint(path: str | os.PathLike, *, network_config: NetworkConfig, state_dict: dict, sigma_data: float,
+                    variables: tuple[tuple[str, str, str], ...], grid_shape: tuple[int, ...],
+                    periodic: tuple[bool, ...], static: tuple[str, ...], dt_seconds: float,
+                    stats: dict[str, tuple[float, ...]], training: dict | None = None) -> Path:
+    """Write a checkpoint atomically (temporary file + rename); returns the path."""
+    payload = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "earthtwin_version": _version(),
+        "network": network_config.to_dict(),
+        "state_dict": {k: v.detach().to("cpu", torch.float32).clone() for k, v in state_dict.items()},
+        "sigma_data": float(sigma_data), "variables": [list(v) for v in variables],
+        "grid_shape": [int(n) for n in grid_shape], "periodic": [bool(p) for p in periodic],
+        "static": list(static), "dt_seconds": float(dt_seconds),
+        "stats": {k: [float(v) for v in stats[k]] for k in _STAT_KEYS}, "training": dict(training or {}),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("earthtwin")
+    except PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+def _check(cond: bool, path: Path, message: str) -> None:
+    if not cond:
+        raise CheckpointMismatch(f"{path}: {message}")
+
+
+@lru_cache(maxsize=8)
+def _load_cached(path: str, mtime_ns: int, size: int) -> Checkpoint:
+    p = Path(path)
+    try:
+        raw: Any = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and unpickler errors all mean: not a checkpoint we can read
+        raise CheckpointMismatch(f"{p}: not an EarthTwin diffusion checkpoint ({type(e).__name__})") from None
+    _check(isinstance(raw, dict) and raw.get("format") == FORMAT, p, "not an EarthTwin diffusion checkpoint")
+    _check(raw.get("format_version") == FORMAT_VERSION, p,
+           f"checkpoint format version {raw.get('format_version')!r}, this EarthTwin reads {FORMAT_VERSION}")
+    needed = ("network", "state_dict", "sigma_data", "variables", "grid_shape", "periodic", "static",
+              "dt_seconds", "stats")
+    missing = [k for k in needed if k not in raw]
+    _check(not missing, p, f"checkpoint lacks {', '.join(missing)}")
+    try:
+        net_cfg = NetworkConfig.from_dict(dict(raw["network"]))
+    except (TypeError, ValueError) as e:
+        raise CheckpointMismatch(f"{p}: unknown network architecture keys ({str(e).splitlines()[0]})") from None
+    variables = tuple(tuple(str(s) for s in v) for v in raw["variables"])
+    nvar = len(variables)
+    _check(nvar > 0 and all(len(v) == 3 for v in variables), p, "malformed variables list")
+    shape = tuple(int(n) for n in raw["grid_shape"])
+    periodic = tuple(bool(b) for b in raw["periodic"])
+    _check(len(shape) == 2 and len(periodic) == 2, p, f"grid {list(shape)} is not 2-D")
+    static = tuple(str(s) for s in raw["static"])
+    unknown = [s for s in static if s not in STATIC_CHANNELS]
+    _check(not unknown, p, f"unknown static channels {unknown} (known: {', '.join(STATIC_CHANNELS)})")
+    stats = {k: tuple(float(v) for v in raw["stats"].get(k, ())) for k in _STAT_KEYS}
+    _check(all(len(v) == nvar for v in stats.values()), p, f"statistics do not match the {nvar} variables")
+    _check(all(math.isfinite(v) for s in stats.values() for v in s) and min(stats["state_std"] + stats["inc_std"]) > 0,
+           p, "statistics must be finite with positive standard deviations")
+    _check(net_cfg.in_channels == 2 * nvar + len(static) and net_cfg.out_channels == nvar, p,
+           f"network channels ({net_cfg.in_channels} in, {net_cfg.out_channels} out) do not fit {nvar} variables "
+           f"and {len(static)} static channels")
+    net = UNetLite(net_cfg)
+    try:
+        result = net.load_state_dict(raw["state_dict"], strict=False)
+    except RuntimeError as e:  # tensor shapes that differ from the architecture's
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        raise CheckpointMismatch(f"{p}: weights do not fit the architecture ({lines[0] if lines else 'shapes'})") from None
+    bad = [f"missing {k}" for k in result.missing_keys] + [f"unexpected {k}" for k in result.unexpected_keys]
+    _check(not bad, p, f"weights do not fit the architecture ({'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})")
+    dt = float(raw["dt_seconds"])
+    _check(math.isfinite(dt) and dt > 0, p, f"emulator step {dt} s must be positive")
+    return Checkpoint(str(p), net_cfg, dict(raw["state_dict"]), float(raw["sigma_data"]), variables, shape, periodic,
+                      static, dt, stats, str(raw.get("earthtwin_version", "unknown")), dict(raw.get("training", {})))
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Load and check a checkpoint (cached by path, mtime and size); `CheckpointMismatch` if unusable."""
+    p = resolve(path)
+    if not p.is_file():
+        raise CheckpointMismatch(f"{path}: no such checkpoint file")
+    st = p.stat()
+    return _load_cached(str(p), st.st_mtime_ns, st.st_size)

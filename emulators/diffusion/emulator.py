@@ -1,0 +1,189 @@
+"""`DiffusionEmulator` (`kind: diffusion`): a learned forecast model that samples the next state.
+
+One step of Δ seconds (the checkpoint's `dt_seconds`): standardise the state per variable, sample the
+standardised Δ-increment from the EDM denoiser conditioned on the standardised state (and static
+channels), then x(t + Δ) = x(t) + inc_mean + inc_std · increment. Predicting the increment rather than
+the state keeps the target small and near σ_d = 1, and makes persistence the zero of the network.
+
+Locality: the network consumes a halo of `receptive_halo` points and needs tiles aligned to
+`alignment` points; each denoiser evaluation exchanges a halo of `halo` (≥ receptive_halo, plus the
+alignment slack of this rank's subdomain) through the domain object. Where some subdomain is thinner
+than that, every step gathers the ensemble on rank 0 and samples there (still rank-count-independent).
+Noise comes from `Streams(seed).normal_stream("sampler", (step, sub_step, member))` at positions
+variable · grid.size + global flat index, so members draw independent noise and a subdomain reads the
+serial run's numbers. The network runs in the run's dtype (float32 or float64).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from emulators.base import Variable
+from emulators.diffusion.checkpoint import Checkpoint, CheckpointMismatch, load_checkpoint
+from emulators.diffusion.edm import Precond, heun_sample
+from emulators.registry import register_model
+from twin.domain import Decomposition, Grid, SerialDomain
+from twin.random import Streams, fill_rows
+
+SAMPLERS = ("heun",)
+
+
+def static_fields(names: tuple[str, ...], shape: tuple[int, int], y_range: tuple[int, int],
+                  x_range: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Static channels (len(names), ny', nx') on global index ranges [y0, y1) x [x0, x1), which may
+    reach past the grid (periodic wrap): cos/sin of 2π · index / size along y or x."""
+    ny, nx = shape
+    y = torch.arange(*y_range).remainder(ny).double() * (2 * math.pi / ny)
+    x = torch.arange(*x_range).remainder(nx).double() * (2 * math.pi / nx)
+    out = []
+    for name in names:
+        trig, axis = name.split("_")
+        vals = (torch.cos if trig == "cos" else torch.sin)(y if axis == "y" else x)
+        out.append(vals[:, None].expand(len(y), len(x)) if axis == "y" else vals[None, :].expand(len(y), len(x)))
+    return torch.stack(out).to(dtype) if out else torch.empty((0, len(y), len(x)), dtype=dtype)
+
+
+@register_model("diffusion")
+class DiffusionEmulator:
+    """A score-based (EDM) emulator loaded from a checkpoint; time unit: seconds."""
+
+    @dataclass(frozen=True)
+    class Config:
+        checkpoint: str = field(default="sqg_edm_v0.pt", metadata={
+            "help": "checkpoint file (a bare name is also looked up in emulators/weights/)"})
+        sampler: str = field(default="heun", metadata={"help": "sampler: heun (single_step: not yet)"})
+        steps: int = field(default=18, metadata={"min": 1, "help": "sampler steps N (Heun: 2N - 1 network calls)"})
+        sigma_min: float = field(default=0.002, metadata={"gt": 0, "help": "smallest noise level"})
+        sigma_max: float = field(default=20.0, metadata={"gt": 0, "help": "largest noise level (standardised units)"})
+        rho: float = field(default=7.0, metadata={"gt": 0, "help": "schedule exponent"})
+        churn: float = field(default=0.0, metadata={"min": 0, "help": "S_churn (γ = min(churn/N, √2 − 1))"})
+        seed: int = field(default=0, metadata={"help": "seed of the sampler's noise streams"})
+
+    time_unit_seconds = 1.0
+
+    def __init__(self, config: "DiffusionEmulator.Config", domain: Decomposition, dtype: torch.dtype = torch.float64):
+        self.validate(config)
+        ckpt = load_checkpoint(config.checkpoint)
+        if tuple(domain.grid.shape) != ckpt.grid_shape:
+            raise CheckpointMismatch(f"{ckpt.path}: trained on a {ckpt.grid_shape} grid, this domain is "
+                                     f"{tuple(domain.grid.shape)}")
+        self.config, self.domain, self.grid, self.dtype, self.ckpt = config, domain, domain.grid, dtype, ckpt
+        self.dt = ckpt.dt_seconds
+        self.variables = tuple(Variable(*v) for v in ckpt.variables)
+        self.model = Precond(ckpt.build_network().to(dtype), ckpt.sigma_data)
+        self.receptive_halo = self.model.net.receptive_halo
+        self.alignment = self.model.net.alignment
+        self.streams = Streams(config.seed)
+        stat = {k: torch.tensor(v, dtype=dtype).view(-1, 1, 1) for k, v in ckpt.stats.items()}
+        self.mean, self.std, self.inc_mean, self.inc_std = (stat[k] for k in ("state_mean", "state_std",
+                                                                               "inc_mean", "inc_std"))
+        self._local = self._plan(domain.local_slices)
+        extents = domain.allgather_object(tuple(s.stop - s.start for s in domain.local_slices))
+        self._gather = domain.size > 1 and min(min(e) for e in extents) < self._local[0]
+        self.halo = self._local[0]
+        if self._gather:
+            self._serial = SerialDomain(domain.grid)
+            self._global = self._plan(self._serial.local_slices)
+
+    @staticmethod
+    def validate(config: "DiffusionEmulator.Config") -> None:
+        """Checks that need no domain: the sampler kind and that the checkpoint loads."""
+        if config.sampler not in SAMPLERS:
+            raise ValueError(f"sampler {config.sampler!r} is not available (one of: {', '.join(SAMPLERS)}; "
+                             f"the single-step consistency sampler comes later)")
+        load_checkpoint(config.checkpoint)
+
+    @staticmethod
+    def global_grid(config: "DiffusionEmulator.Config") -> Grid:
+        ckpt = load_checkpoint(config.checkpoint)
+        return Grid(shape=ckpt.grid_shape, periodic=ckpt.periodic, dims=("y", "x"), units="1")
+
+    # ------------------------------------------------------------ geometry
+
+    def _plan(self, slices: tuple[slice, ...]) -> tuple[int, tuple[slice, ...], tuple[slice, ...], torch.Tensor]:
+        """(halo width to exchange, slices of the padded array the network reads, slices of the network
+        output that are this subdomain, static channels on the network's input window)."""
+        h, a = self.receptive_halo, self.alignment
+        lo = [s.start - (s.start // a) * a for s in slices]  # alignment slack below and above
+        hi = [-(-s.stop // a) * a - s.stop for s in slices]
+        width = h + max(lo + hi)
+        read = tuple(slice(width - h - l, width + (s.stop - s.start) + u + h - width + width - width)
+                     for s, l, u in zip(slices, lo, hi))
+        read = tuple(slice(width - h - l, width + (s.stop - s.start) + u + h) for s, l, u in zip(slices, lo, hi))
+        keep = tuple(slice(l, l + s.stop - s.start) for s, l in zip(slices, lo))
+        ranges = [(s.start - l - h, s.stop + u + h) for s, l, u in zip(slices, lo, hi)]
+        static = static_fields(self.ckpt.static, self.ckpt.grid_shape, ranges[0], ranges[1], self.dtype)
+        return width, read, keep, static
+
+    # ------------------------------------------------------------ stepping
+
+    def initial_state(self, noise: torch.Tensor) -> torch.Tensor:
+        """Climatological draw mean + std · noise per variable (for a truth run of the emulator)."""
+        return self.mean + self.std * noise.to(self.dtype)
+
+    def step(self, ens: torch.Tensor, t: float = 0.0) -> torch.Tensor:
+        """Advance every member (member, variable, y, x) by Δ = `dt` seconds (t keys the noise)."""
+        key = int(round(t / self.dt))
+        if self._gather:
+            full = self.domain.gather(ens)
+            out = None if full is None else self._sample(full.to(self.dtype), self._serial, self._global, key)
+            return self.domain.scatter(out).to(ens.dtype)
+        return self._sample(ens.to(self.dtype), self.domain, self._local, key).to(ens.dtype)
+
+    @torch.no_grad()
+    def _sample(self, x: torch.Tensor, domain: Decomposition, plan: tuple, key: int) -> torch.Tensor:
+        width, read, keep, static = plan
+        members = x.shape[0]
+
+        def pad(z: torch.Tensor, h: int = 0) -> torch.Tensor:
+            return domain.exchange_halo(z, width)[(..., *read)]
+
+        xs = (x - self.mean) / self.std
+        cond = torch.cat([pad(xs), static.expand(members, *static.shape)], dim=1)
+
+        def denoise(z: torch.Tensor, sigma: float) -> torch.Tensor:
+            s = torch.full((members,), sigma, dtype=self.dtype)
+            out = self.model(z, s, cond, pad) if False else self._denoise_window(z, s, cond, pad)
+            return out[(..., *keep)]
+
+        noise = self._noise_fn(key, members, domain)
+        inc = heun_sample(denoise, noise, steps=self.config.steps, sigma_min=self.config.sigma_min,
+                          sigma_max=self.config.sigma_max, rho=self.config.rho, churn=self.config.churn)
+        return x + self.inc_mean + self.inc_std * inc
+
+    def _denoise_window(self, z: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor,
+                        pad: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+        """D on the aligned window (its interior may be larger than the subdomain by the slack)."""
+        from emulators.diffusion.edm import coefficients
+
+        c_skip, c_out, c_in, c_noise = coefficients(sigma, self.model.sigma_data)
+        v = (-1, 1, 1, 1)
+        zp = pad(z)
+        h = self.receptive_halo
+        inner = zp[..., h:-h, h:-h]
+        f = self.model.net(torch.cat([zp * c_in.view(v), cond], dim=1), c_noise)
+        return c_skip.view(v) * inner + c_out.view(v) * f
+
+    def _noise_fn(self, key: int, members: int, domain: Decomposition) -> Callable[[int], torch.Tensor]:
+        """noise(k): standard normals (members, variables, *local) for sub-step k of step `key`."""
+        nvar, size = len(self.variables), self.grid.size
+        nx = self.grid.shape[1]
+        ys, xs = domain.local_slices
+        ly, lx = ys.stop - ys.start, xs.stop - xs.start
+
+        def noise(k: int) -> torch.Tensor:
+            streams = [self.streams.normal_stream("sampler", (key, k, m)) for m in range(members)]
+            out = np.empty((members, nvar, ly, lx), dtype=np.float32)
+            for v in range(nvar):
+                if lx == nx:  # whole rows: one contiguous run of positions
+                    fill_rows(streams, v * size + ys.start * nx, out[:, v].reshape(members, ly * nx))
+                else:
+                    for y in range(ly):
+                        fill_rows(streams, v * size + (ys.start + y) * nx + xs.start, out[:, v, y])
+            return torch.from_numpy(out).to(self.dtype)
+
+        return noise
