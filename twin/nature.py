@@ -46,11 +46,12 @@ class NatureRun:
             self._obs[cycle] = self.observer.observe(self.truth(cycle), cycle, self.time(cycle))
         return self._obs[cycle]
 
-    def prepare(self, first: int, last: int) -> None:
-        """Simulate truth and observations for cycles first..last before a timed loop."""
+    def prepare(self, first: int, last: int, observations: bool = True) -> None:
+        """Simulate truth (and observations) for cycles first..last before a timed loop."""
         self.extend(last)
-        for c in range(first, last + 1):
-            self.observations(c)
+        if observations:
+            for c in range(first, last + 1):
+                self.observations(c)
 
     def release(self, before: int) -> None:
         """Forget cycles before `before` (the twin has consumed them)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,16 +121,28 @@ class NormalStream:
         return out
 
 
+_WORK = threading.local()  # per-thread Box–Muller scratch: no page faults from fresh temporaries
+
+
+def _scratch(rows: int, words: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    size = rows * words
+    buf = getattr(_WORK, "buf", None)
+    if buf is None or buf.shape[1] < size:
+        buf = _WORK.buf = np.empty((3, size), dtype=np.float32)
+    return tuple(b[:size].reshape(rows, words) for b in buf)  # type: ignore[return-value]
+
+
 def _box_muller(raw: np.ndarray, out: np.ndarray, scale: float) -> None:
     """Pairs of normals (scaled) from raw words (R, W) into out (R, 2W), interleaved."""
+    r, theta, trig = _scratch(*raw.shape)
     halves = raw.view(np.uint32).reshape(raw.shape + (2,))
     np.right_shift(halves, 8, out=halves)
-    r = np.multiply(halves[..., 0], _U24, dtype=np.float32, casting="unsafe")  # -u, u in [0, 1)
+    np.multiply(halves[..., 0], _U24, out=r, dtype=np.float32, casting="unsafe")  # -u, u in [0, 1)
     np.log1p(r, out=r)
     np.multiply(r, np.float32(-2.0 * scale * scale), out=r)
     np.sqrt(r, out=r)
-    theta = np.multiply(halves[..., 1], _THETA24, dtype=np.float32, casting="unsafe")
-    trig = np.cos(theta)
+    np.multiply(halves[..., 1], _THETA24, out=theta, dtype=np.float32, casting="unsafe")
+    np.cos(theta, out=trig)
     np.multiply(r, trig, out=out[:, 0::2], casting="same_kind")
     np.sin(theta, out=trig)
     np.multiply(r, trig, out=out[:, 1::2], casting="same_kind")
@@ -147,7 +160,8 @@ def fill_rows(streams: list[NormalStream], start: int, out: np.ndarray, scale: f
         w1 = min((end + 1) // 2, w0 + piece)
         lead = pos - 2 * w0
         take = min(end - pos, 2 * (w1 - w0) - lead)
-        raw = np.stack([s.raw(w0, w1 - w0) for s in streams])
+        count = w1 - w0
+        raw = streams[0].raw(w0, count)[None] if rows == 1 else np.stack([s.raw(w0, count) for s in streams])
         dst = out[:, pos - start: pos - start + take]
         if lead == 0 and take == 2 * (w1 - w0):
             _box_muller(raw, dst, scale)

@@ -18,6 +18,11 @@ METRICS = ("rmse_analysis", "rmse_forecast", "spread_analysis", "spread_forecast
            "omb_mean", "omb_rms", "oma_mean", "oma_rms", "obs_count")
 
 
+def _np(values: torch.Tensor) -> np.ndarray:
+    """Per-cycle scores leave torch as one float64 array per scored batch (no per-cycle objects)."""
+    return values.detach().double().numpy().copy()
+
+
 @dataclass
 class _Pending:
     cycle: int
@@ -36,10 +41,10 @@ class RunRecorder:
     output_every: int = 1
     keep_members: bool = True
     burn_in: int = 0
-    buffer_elements: int = 2**24
+    buffer_elements: int = 2**20
     times: list[float] = field(default_factory=list)
     cycles: list[int] = field(default_factory=list)
-    per_cycle: dict[str, list[torch.Tensor]] = field(default_factory=lambda: {k: [] for k in METRICS})
+    per_cycle: dict[str, list[np.ndarray]] = field(default_factory=lambda: {k: [] for k in METRICS})
     out_cycles: list[int] = field(default_factory=list)
     analysis: list[torch.Tensor] = field(default_factory=list)
     analysis_spread: list[torch.Tensor] = field(default_factory=list)
@@ -83,15 +88,15 @@ class RunRecorder:
         prior_f, ana_f = prior.reshape(c, m, -1), analysis.reshape(c, m, -1)
         prior_mean, ana_mean = prior.mean(1), analysis.mean(1)
         pc = self.per_cycle
-        pc["spread_analysis"].extend(metrics.spread(ana_f, member_dim=1, dims=-1))
-        pc["spread_forecast"].extend(metrics.spread(prior_f, member_dim=1, dims=-1))
+        pc["spread_analysis"].append(_np(metrics.spread(ana_f, member_dim=1, dims=-1)))
+        pc["spread_forecast"].append(_np(metrics.spread(prior_f, member_dim=1, dims=-1)))
         nan = torch.full((c,), float("nan"), dtype=prior.dtype)
         if group[0].truth is not None:
             truth = torch.stack([p.truth for p in group])
             truth_f = truth.reshape(c, -1)
-            pc["rmse_analysis"].extend(metrics.rmse(ana_mean.reshape(c, -1), truth_f, dims=-1))
-            pc["rmse_forecast"].extend(metrics.rmse(prior_mean.reshape(c, -1), truth_f, dims=-1))
-            pc["crps_analysis"].extend(metrics.crps_fair(ana_f, truth_f, member_dim=1, dims=-1))
+            pc["rmse_analysis"].append(_np(metrics.rmse(ana_mean.reshape(c, -1), truth_f, dims=-1)))
+            pc["rmse_forecast"].append(_np(metrics.rmse(prior_mean.reshape(c, -1), truth_f, dims=-1)))
+            pc["crps_analysis"].append(_np(metrics.crps_fair(ana_f, truth_f, member_dim=1, dims=-1)))
             after = torch.tensor([p.cycle >= self.burn_in for p in group])
             if bool(after.any()):
                 ranks = metrics.truth_rank(ana_f[after], truth_f[after], member_dim=1)
@@ -100,38 +105,39 @@ class RunRecorder:
         else:
             truth = None
             for k in ("rmse_analysis", "rmse_forecast", "crps_analysis"):
-                pc[k].extend(nan)
+                pc[k].append(_np(nan))
         first = group[0].obs
         if first is not None and first.size:
             values = torch.stack([p.obs.values for p in group])
             omb = values - first.operator(prior_mean)
             oma = values - first.operator(ana_mean)
-            pc["omb_mean"].extend(omb.mean(-1))
-            pc["omb_rms"].extend(omb.square().mean(-1).sqrt())
-            pc["oma_mean"].extend(oma.mean(-1))
-            pc["oma_rms"].extend(oma.square().mean(-1).sqrt())
-            pc["obs_count"].extend(torch.full((c,), float(first.size), dtype=prior.dtype))
+            pc["omb_mean"].append(_np(omb.mean(-1)))
+            pc["omb_rms"].append(_np(omb.square().mean(-1).sqrt()))
+            pc["oma_mean"].append(_np(oma.mean(-1)))
+            pc["oma_rms"].append(_np(oma.square().mean(-1).sqrt()))
+            pc["obs_count"].append(_np(torch.full((c,), float(first.size), dtype=prior.dtype)))
         else:
             for k in ("omb_mean", "omb_rms", "oma_mean", "oma_rms"):
-                pc[k].extend(nan)
-            pc["obs_count"].extend(torch.zeros(c, dtype=prior.dtype))
+                pc[k].append(_np(nan))
+            pc["obs_count"].append(_np(torch.zeros(c, dtype=prior.dtype)))
         for i, p in enumerate(group):
             self.times.append(p.time)
             self.cycles.append(p.cycle)
             if p.cycle % self.output_every:
                 continue
             self.out_cycles.append(p.cycle)
-            self.analysis.append(p.analysis if self.keep_members else ana_mean[i])
+            # rows of batch tensors are cloned: a view would keep the whole batch alive
+            self.analysis.append(p.analysis if self.keep_members else ana_mean[i].clone())
             if not self.keep_members:
                 self.analysis_spread.append(p.analysis.std(dim=0))
-            self.background_mean.append(prior_mean[i])
+            self.background_mean.append(prior_mean[i].clone())
             self.background_spread.append(p.prior.std(dim=0))
             if truth is not None:
-                self.truth.append(truth[i])
+                self.truth.append(truth[i].clone())
             if p.obs is not None and p.obs.size:
                 self.observations.append({
                     "time": p.time, "ids": p.obs.ids, "values": p.obs.values, "error_std": p.obs.error_std,
-                    "locations": p.obs.locations, "variable": p.obs.operator.variable, "omb": omb[i], "oma": oma[i],
+                    "locations": p.obs.locations, "variable": p.obs.operator.variable, "omb": omb[i].clone(), "oma": oma[i].clone(),
                 })
 
     _STATE = ("times", "cycles", "per_cycle", "out_cycles", "analysis", "analysis_spread", "background_mean",
@@ -164,7 +170,7 @@ class RunRecorder:
     def series(self) -> dict[str, np.ndarray]:
         """Per-cycle metrics as numpy arrays (dim: cycle)."""
         self.flush()
-        return {k: torch.stack(v).double().numpy() if v else np.zeros(0) for k, v in self.per_cycle.items()}
+        return {k: np.concatenate(v) if v else np.zeros(0) for k, v in self.per_cycle.items()}
 
     def summary(self) -> dict[str, float | None]:
         """Averages over cycles after burn-in of the per-cycle values; null where not computable."""

@@ -109,7 +109,7 @@ def summarise(tw: Twin) -> dict:
         **{k: s[k] for k in ("case", "method", "members", "cycles", "burn_in")},
         **{k: s[k] for k in ("rmse_analysis", "rmse_forecast", "spread_analysis", "spread_forecast",
                              "crps_analysis", "omb_rms", "oma_rms")},
-        "obs_used": int(sum(float(v) for v in tw.recorder.per_cycle["obs_count"])),
+        "obs_used": int(tw.recorder.series()["obs_count"].sum()),
         "obs_rejected": tw.file_observations.rejected if tw.file_observations is not None else {},
         "wall_seconds": None,
         "cycles_per_second": s["cycles_per_second"],

@@ -26,6 +26,8 @@ from twin.record import RunRecorder
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 CHECKPOINT_FORMAT = 1
+NATURE_AHEAD_CYCLES = 500  # the nature run is simulated this many cycles ahead of the filter ...
+NATURE_AHEAD_ELEMENTS = 2**22  # ... or fewer, so that its states stay within ~32 MB (float64)
 
 
 def _chunk_path(path: Path, index: int) -> Path:
@@ -180,9 +182,14 @@ class Twin:
             from tqdm import tqdm
 
             bar = tqdm(total=n, desc=self.case.name, unit="cycle", leave=False, initial=0)
-        self.nature.prepare(self.cycle, self.cycle + n)
+        first, end = self.cycle, self.cycle + n
+        ahead = max(1, min(NATURE_AHEAD_CYCLES, NATURE_AHEAD_ELEMENTS // max(1, self.ensemble[0].numel())))
         start = _time.perf_counter()
         for _ in range(n):
+            if (self.cycle - first) % ahead == 0:
+                self.loop_seconds += _time.perf_counter() - start  # the nature run is not the filter's time
+                self.nature.prepare(self.cycle, min(end, self.cycle + ahead), self.file_observations is None)
+                start = _time.perf_counter()
             self.step()
             if bar is not None:
                 bar.update()
