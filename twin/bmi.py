@@ -159,8 +159,7 @@ class TwinBmi(Bmi):
         return 0.0
 
     def get_current_time(self) -> float:
-        tw = self._require()
-        return float(tw.time * tw.model.time_unit_seconds)
+        return float(self._require().cycle * self.get_time_step())  # = twin.time in s, without drift
 
     def get_end_time(self) -> float:
         return float(self._require().case.run.cycles * self.get_time_step())
@@ -376,7 +375,8 @@ class TwinBmi(Bmi):
         self._obs[VALUE][:] = batch.values.detach().cpu().numpy()
         self._obs[ERROR][:] = batch.error_std.detach().cpu().numpy()
         self._obs[IDS][:] = batch.ids.cpu().numpy()
-        self._obs[VARIABLE][:] = torch.as_tensor(getattr(batch.operator, "variable", 0)).expand(batch.size).cpu().numpy()
+        variable = torch.as_tensor(getattr(batch.operator, "variable", 0))
+        self._obs[VARIABLE][:] = variable.expand(batch.size).cpu().numpy()
         loc = batch.locations.detach().cpu().numpy().reshape(batch.size, -1)
         for name, axis in self._obs_axes.items():
             self._obs[name][:] = loc[:, axis]
