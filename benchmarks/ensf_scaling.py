@@ -12,7 +12,7 @@ and, interleaved with them in the same run, the floor: one in-place axpy over th
 ensemble per pseudo-step, i.e. `steps` axpys. Medians over `--repeats`; ratio = time / floor.
 Threads are pinned to one (torch and numpy's BLAS); run it on an otherwise idle machine.
 
-    python benchmarks/ensf_scaling.py [--sizes 40 1000 ...] [--members 20] [--steps 100] [--repeats 3]
+    python benchmarks/ensf_scaling.py [--sizes 40 1000 ...] [--members 20] [--steps 100] [--repeats 5]
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from assim.ensf import Ensf  # noqa: E402
@@ -81,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[40, 1000, 10_000, 100_000, 1_000_000])
     p.add_argument("--members", type=int, default=20)
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--letkf-max", type=int, default=10_000, help="largest size the LETKF is timed at")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     args = p.parse_args(argv)

@@ -5,7 +5,8 @@ rank, so a decomposed run draws exactly the numbers the serial run draws at the 
 Global indices (grid points, observation ids) are cut into fixed blocks of `BLOCK` indices; each block
 is its own stream (numpy PCG64 seeded by a hash of the key), and a draw for arbitrary global indices
 reads the blocks they fall in. numpy's draws are prefix-consistent, so a block is drawn only up to
-the largest index needed. A leaf module: torch and numpy only.
+the largest index needed. `NormalStream` (bulk normals) is keyed by (seed, purpose, *keys) and
+reads any global position directly (PCG64 `advance`). A leaf module: torch and numpy only.
 """
 from __future__ import annotations
 
@@ -48,8 +49,11 @@ class Streams:
         if idx.size == 0:
             return out
         blocks = idx // BLOCK
-        for b in np.unique(blocks):
-            sel = blocks == b
+        order = np.argsort(blocks, kind="stable")  # group the indices by block without per-block masks
+        uniq, starts = np.unique(blocks[order], return_index=True)
+        ends = np.append(starts[1:], idx.size)
+        for b, lo, hi in zip(uniq, starts, ends):
+            sel = order[lo:hi]
             offsets = idx[sel] - b * BLOCK
             gen = generator(self.seed, purpose, *keys, int(b))
             n = int(offsets.max()) + 1
@@ -99,7 +103,8 @@ class NormalStream:
     rank filling its own positions gets the serial run's numbers; PCG64's `advance` makes a jump
     cheap and a sweep in increasing order needs none. Values are float32 numbers (24-bit uniforms:
     tails end at 5.8σ) whatever the output dtype, so float32 and float64 runs draw the same noise.
-    About 3x faster than `Streams.normal` per number and with no float64 detour.
+    Made for bulk draws (the EnSF draws 2·10^7 a pseudo-step at 10^6 points): ~3 ns a value on one
+    core, no per-block masks and no float64 detour.
     """
 
     def __init__(self, key: int) -> None:
@@ -163,10 +168,10 @@ def fill_rows(streams: list[NormalStream], start: int, out: np.ndarray, scale: f
         count = w1 - w0
         raw = streams[0].raw(w0, count)[None] if rows == 1 else np.stack([s.raw(w0, count) for s in streams])
         dst = out[:, pos - start: pos - start + take]
-        if lead == 0 and take == 2 * (w1 - w0):
+        if lead == 0 and take == 2 * count:
             _box_muller(raw, dst, scale)
         else:
-            tmp = np.empty((rows, 2 * (w1 - w0)), dtype=np.float32)
+            tmp = np.empty((rows, 2 * count), dtype=np.float32)
             _box_muller(raw, tmp, scale)
             dst[...] = tmp[:, lead: lead + take]
         pos += take
