@@ -30,6 +30,7 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
+from assim.inpainting import classic_fill
 from assim.observations import ObservationBatch
 from assim.operators import ArctanOperator, SubsetOperator
 from assim.registry import register_stage
@@ -289,6 +290,10 @@ class Ensf:
             "help": "explicit (the authors') or implicit: c L/(1 + c h'^2/σ²) after the rest (stiff-safe)"})
         start: Literal["standard", "kernel"] = field(default="standard", metadata={
             "help": "z_1 ~ N(0, I) (the authors') or the forward kernel N(α_1 x_i, β_1² I)"})
+        unobserved: Literal["keep", "harmonic", "biharmonic"] = field(default="keep", metadata={
+            "help": "points without observations: keep the EnSF result, or fill the increment there by "
+                    "harmonic/biharmonic inpainting of the observed increments (variables with no "
+                    "observations keep the prior)"})
         chunk_size: int | None = field(default=None, metadata={
             "help": "state points per chunk of the fast path (null: about 262144 values / members)"})
 
@@ -330,7 +335,10 @@ class Ensf:
                     return lik.clamp_(-c * bound, c * bound) if bound is not None else lik
                 return (lik.clamp_(-bound, bound) if bound is not None else lik).mul_(c)
             self._run_generic(z, x, term if obs.size else None, noise, mix)
-        return z.view(shape)
+        analysis = z.view(shape)
+        if cfg.unobserved != "keep":
+            analysis = fill_unobserved(ens, analysis, obs, ctx, cfg.unobserved)
+        return analysis
 
     def _run_fast(self, z: torch.Tensor, x: torch.Tensor, dense: _Dense | None, noise: _Noise,
                   mix: "_Mixture | None") -> None:
@@ -409,3 +417,24 @@ class _Mixture:
         logits = zx.mul_(alpha / beta2).sub_(self.xx[None], alpha=alpha * alpha / (2.0 * beta2))
         weights = torch.softmax(logits, dim=1)
         return torch.mm(weights.to(self.x.dtype), self.x, out=self.out)
+
+
+def fill_unobserved(prior: torch.Tensor, analysis: torch.Tensor, obs: ObservationBatch, ctx: AnalysisContext,
+                    kind: str) -> torch.Tensor:
+    """Prior + increment, where the increment at unobserved points is inpainted from the observed
+    ones (Liang et al. 2025); a variable with no observation keeps the prior. The sparse solve is
+    global: under MPI the increments are gathered to rank 0 and the result scattered."""
+    grid, dom = ctx.grid, ctx.domain
+    parts = dom.allgather_object((obs.operator.variable.numpy(), obs.operator.point.numpy()))
+    variables = torch.from_numpy(np.concatenate([p[0] for p in parts])).long()
+    points = torch.from_numpy(np.concatenate([p[1] for p in parts])).long()
+    known = torch.zeros(prior.shape[1], grid.size, dtype=torch.bool)
+    known[variables, points] = True
+    increment = dom.gather(analysis - prior)
+    if increment is not None:
+        for v in range(increment.shape[1]):
+            if known[v].any():
+                increment[:, v] = classic_fill(increment[:, v], known[v].reshape(grid.shape), grid, kind)
+            else:
+                increment[:, v] = 0.0
+    return prior + dom.scatter(increment)
