@@ -14,9 +14,10 @@ from twin.domain import mpi_world
 from twin.io import DatasetError, RestartError
 from twin.twin import CheckpointError
 from assim.obsfiles import ObservationFileError
+from emulators.diffusion.checkpoint import CheckpointMismatch
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DatasetError, RestartError, CheckpointError,
-                                                ObservationFileError, FileNotFoundError)
+                                                ObservationFileError, CheckpointMismatch, FileNotFoundError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,6 +51,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         load_case(base, campaign.overrides)
         print(f"{args.case}: ok (campaign {campaign.name} on {base})")
         return 0
+    if isinstance(raw, dict) and "train" in raw and "model" not in raw:  # an emulator training case
+        from twin.train import load_train_case
+
+        load_train_case(args.case, tuple(args.set))
+        print(f"{args.case}: ok (training case)")
+        return 0
     case = load_case(args.case, tuple(args.set))
     print(f"{args.case}: ok ({case.name}: {case.model.kind}, {case.method}, {case.run.cycles} cycles)")
     return 0
@@ -63,6 +70,14 @@ def _cmd_hindcast(args: argparse.Namespace) -> int:
         rmse = summary["mean_over_init"]["rmse_forecast"]
         print(f"{summary['campaign']}: {len(summary['init_time'])} forecasts, mean RMSE at lead 0 "
               f"{rmse[0]:.3f}, at lead {summary['lead_time'][-1]:g} {rmse[-1]:.3f}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from twin.train import train_from_case
+
+    checkpoint = train_from_case(args.case, tuple(args.set), args.out, resume=not args.restart, quiet=args.quiet)
+    print(checkpoint)
     return 0
 
 
@@ -102,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     hind.add_argument("--out", help="output folder (wins over the campaign's out)")
     hind.add_argument("--quiet", action="store_true", help="no progress bar")
     hind.set_defaults(func=_cmd_hindcast)
+    train = sub.add_parser("train", help="train the emulator a training case describes")
+    train.add_argument("case", help="training case YAML file (e.g. cases/sqg_train.yaml)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (dotted path)")
+    train.add_argument("--out", help="output folder (wins over the case's out)")
+    train.add_argument("--restart", action="store_true", help="ignore OUT/train_state.pt and start afresh")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=_cmd_train)
     plot = sub.add_parser("plot", help="(re)draw the figures of a run folder")
     plot.add_argument("dir")
     plot.set_defaults(func=_cmd_plot)

@@ -16,17 +16,20 @@ class NatureRun:
     """Truth states and observations at each cycle, computed on demand and ahead of time."""
 
     def __init__(self, model: Model, observer: SyntheticObserver, truth0: torch.Tensor, steps_per_cycle: int,
-                 first_cycle: int = 0) -> None:
+                 first_cycle: int = 0, cycle_length: float | None = None) -> None:
+        """`steps_per_cycle` counts steps of the *truth* model; `cycle_length` (model time) defaults
+        to steps_per_cycle · model.dt."""
         self.model = model
         self.observer = observer
         self.steps_per_cycle = steps_per_cycle
+        self.cycle_length = cycle_length if cycle_length is not None else steps_per_cycle * model.dt
         self._states: dict[int, torch.Tensor] = {first_cycle: truth0}
         self._obs: dict[int, ObservationBatch] = {}
         self._last = first_cycle
         self._first = first_cycle
 
     def time(self, cycle: int) -> float:
-        return cycle * self.steps_per_cycle * self.model.dt
+        return cycle * self.cycle_length
 
     def extend(self, cycles: int) -> None:
         """Make sure truth and observations exist up to (and including) cycle `cycles`."""

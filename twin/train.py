@@ -68,7 +68,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    iterations: int = field(default=3000, metadata={"min": 1, "help": "optimiser steps"})
+    iterations: int = field(default=3500, metadata={"min": 1, "help": "optimiser steps"})
     batch_size: int = field(default=16, metadata={"min": 1, "help": "pairs per step"})
     lr: float = field(default=3e-4, metadata={"gt": 0, "help": "peak learning rate (Adam)"})
     warmup: int = field(default=200, metadata={"min": 0, "help": "linear warm-up iterations"})

@@ -18,7 +18,7 @@ from assim.registry import stage_registry
 from assim.stages import AnalysisContext
 from assim.synthetic import SyntheticObserver
 from emulators.registry import model_registry
-from twin.config import CaseConfig, load_case
+from twin.config import CaseConfig, ConfigError, load_case
 from twin.domain import make_domain
 from twin.nature import NatureRun
 from twin.random import Streams
@@ -72,8 +72,13 @@ class Twin:
                                     keep_members=case.output.members == "all", burn_in=case.run.burn_in)
         self.cycle = 0
         self.time = 0.0
+        try:
+            self.truth_steps_per_cycle
+        except ValueError as e:
+            raise ConfigError(f"case {case.name}", "observations.every", str(e)) from None
         truth0 = self._spun_up_truth()
-        self.nature = NatureRun(self.truth_model, self.observer, truth0, case.observations.every)
+        self.nature = NatureRun(self.truth_model, self.observer, truth0, self.truth_steps_per_cycle,
+                                cycle_length=self.cycle_length)
         self.ensemble = self._initial_ensemble(truth0)
         self.loop_seconds = 0.0
 
@@ -106,7 +111,22 @@ class Twin:
 
     @property
     def steps_per_cycle(self) -> int:
+        """Forecast-model steps per cycle (`observations.every`)."""
         return self.case.observations.every
+
+    @property
+    def cycle_length(self) -> float:
+        """Model time between analyses."""
+        return self.steps_per_cycle * self.model.dt
+
+    @property
+    def truth_steps_per_cycle(self) -> int:
+        """Truth-model steps per cycle: the same time span at the truth model's own dt."""
+        ratio = self.cycle_length / self.truth_model.dt
+        if abs(ratio - round(ratio)) > 1e-6 * max(1.0, ratio):
+            raise ValueError(f"the cycle ({self.cycle_length:g}) is not a whole number of truth-model steps "
+                             f"({self.truth_model.dt:g})")
+        return int(round(ratio))
 
     @property
     def truth(self) -> torch.Tensor:
@@ -252,7 +272,8 @@ class Twin:
         self.cycle, self.time, self.loop_seconds = meta
         self.ensemble = self.domain.scatter(None if state is None else state["ensemble"])
         truth = self.domain.scatter(None if state is None else state["truth"])
-        self.nature = NatureRun(self.truth_model, self.observer, truth, self.steps_per_cycle, self.cycle)
+        self.nature = NatureRun(self.truth_model, self.observer, truth, self.truth_steps_per_cycle, self.cycle,
+                                cycle_length=self.cycle_length)
         if state is not None:
             path = Path(path)
             for i in range(state["chunks"]):

@@ -138,7 +138,8 @@ def _load_cached(path: str, mtime_ns: int, size: int) -> Checkpoint:
         result = net.load_state_dict(raw["state_dict"], strict=False)
     except RuntimeError as e:  # tensor shapes that differ from the architecture's
         lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
-        raise CheckpointMismatch(f"{p}: weights do not fit the architecture ({lines[0] if lines else 'shapes'})") from None
+        what = lines[0] if lines else "tensor shapes"
+        raise CheckpointMismatch(f"{p}: weights do not fit the architecture ({what})") from None
     bad = [f"missing {k}" for k in result.missing_keys] + [f"unexpected {k}" for k in result.unexpected_keys]
     _check(not bad, p, f"weights do not fit the architecture ({'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})")
     dt = float(raw["dt_seconds"])

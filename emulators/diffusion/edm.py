@@ -44,9 +44,10 @@ def coefficients(sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, 
 class Precond(nn.Module):
     """D(x, σ | cond): the EDM-preconditioned denoiser around a halo-consuming network F.
 
-    `forward(x, sigma, cond, pad)`: x (B, C, *grid) noisy interior state, sigma (B,), cond
-    (B, C_cond, *grid + 2h) the condition already padded by the halo h = `net.receptive_halo`,
-    `pad(x, h)` pads x the same way. Returns the denoised interior (B, C, *grid).
+    `forward(x, sigma, cond, pad)`: x (B, C, *grid) the noisy state, sigma (B,), `pad(x, h)` returns
+    the network's input window of x with a halo of h = `net.receptive_halo` (the window's interior
+    may be larger than x where a subdomain needs alignment slack), cond (B, C_cond, ...) the condition
+    on that same padded window. Returns D on the window's interior.
     """
 
     def __init__(self, net: nn.Module, sigma_data: float = 1.0) -> None:
@@ -57,8 +58,11 @@ class Precond(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, pad: Pad) -> torch.Tensor:
         c_skip, c_out, c_in, c_noise = coefficients(sigma.to(x.dtype), self.sigma_data)
         view = (-1,) + (1,) * (x.dim() - 1)
-        inp = torch.cat([pad(x * c_in.view(view), self.net.receptive_halo), cond], dim=1)
-        return c_skip.view(view) * x + c_out.view(view) * self.net(inp, c_noise)
+        h = self.net.receptive_halo
+        xp = pad(x, h)
+        inner = xp[..., h:-h, h:-h] if h else xp
+        f = self.net(torch.cat([xp * c_in.view(view), cond], dim=1), c_noise)
+        return c_skip.view(view) * inner + c_out.view(view) * f
 
 
 def edm_loss(model: Precond, target: torch.Tensor, cond: torch.Tensor, pad: Pad, config: EDMConfig,

@@ -6,8 +6,9 @@ channels), then x(t + Δ) = x(t) + inc_mean + inc_std · increment. Predicting t
 the state keeps the target small and near σ_d = 1, and makes persistence the zero of the network.
 
 Locality: the network consumes a halo of `receptive_halo` points and needs tiles aligned to
-`alignment` points; each denoiser evaluation exchanges a halo of `halo` (≥ receptive_halo, plus the
-alignment slack of this rank's subdomain) through the domain object. Where some subdomain is thinner
+`alignment` points; each denoiser evaluation exchanges a halo of `halo` points through the domain
+object (receptive_halo plus the largest alignment slack of any rank's subdomain: one width for all
+ranks, as neighbours exchange equal strips). Where some subdomain is thinner
 than that, every step gathers the ensemble on rank 0 and samples there (still rank-count-independent).
 Noise comes from `Streams(seed).normal_stream("sampler", (step, sub_step, member))` at positions
 variable · grid.size + global flat index, so members draw independent noise and a subdomain reads the
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from emulators.base import Variable
-from emulators.diffusion.checkpoint import Checkpoint, CheckpointMismatch, load_checkpoint
+from emulators.diffusion.checkpoint import CheckpointMismatch, load_checkpoint
 from emulators.diffusion.edm import Precond, heun_sample
 from emulators.registry import register_model
 from twin.domain import Decomposition, Grid, SerialDomain
@@ -81,13 +82,15 @@ class DiffusionEmulator:
         stat = {k: torch.tensor(v, dtype=dtype).view(-1, 1, 1) for k, v in ckpt.stats.items()}
         self.mean, self.std, self.inc_mean, self.inc_std = (stat[k] for k in ("state_mean", "state_std",
                                                                                "inc_mean", "inc_std"))
-        self._local = self._plan(domain.local_slices)
-        extents = domain.allgather_object(tuple(s.stop - s.start for s in domain.local_slices))
-        self._gather = domain.size > 1 and min(min(e) for e in extents) < self._local[0]
-        self.halo = self._local[0]
+        # one halo width for all ranks (neighbours must exchange equal strips): the largest need
+        needs = domain.allgather_object((self._need(domain.local_slices), min(domain.local_shape)))
+        width = max(n for n, _ in needs)
+        self._gather = domain.size > 1 and width > min(e for _, e in needs)
+        self._local = self._plan(domain.local_slices, width)
+        self.halo = width
         if self._gather:
             self._serial = SerialDomain(domain.grid)
-            self._global = self._plan(self._serial.local_slices)
+            self._global = self._plan(self._serial.local_slices, self._need(self._serial.local_slices))
 
     @staticmethod
     def validate(config: "DiffusionEmulator.Config") -> None:
@@ -104,15 +107,22 @@ class DiffusionEmulator:
 
     # ------------------------------------------------------------ geometry
 
-    def _plan(self, slices: tuple[slice, ...]) -> tuple[int, tuple[slice, ...], tuple[slice, ...], torch.Tensor]:
-        """(halo width to exchange, slices of the padded array the network reads, slices of the network
-        output that are this subdomain, static channels on the network's input window)."""
-        h, a = self.receptive_halo, self.alignment
-        lo = [s.start - (s.start // a) * a for s in slices]  # alignment slack below and above
-        hi = [-(-s.stop // a) * a - s.stop for s in slices]
-        width = h + max(lo + hi)
-        read = tuple(slice(width - h - l, width + (s.stop - s.start) + u + h - width + width - width)
-                     for s, l, u in zip(slices, lo, hi))
+    def _slack(self, slices: tuple[slice, ...]) -> tuple[list[int], list[int]]:
+        """Points from each subdomain edge out to the next `alignment` boundary (below, above)."""
+        a = self.alignment
+        return [s.start - (s.start // a) * a for s in slices], [-(-s.stop // a) * a - s.stop for s in slices]
+
+    def _need(self, slices: tuple[slice, ...]) -> int:
+        lo, hi = self._slack(slices)
+        return self.receptive_halo + max(lo + hi)
+
+    def _plan(self, slices: tuple[slice, ...], width: int) -> tuple[int, tuple[slice, ...], tuple[slice, ...],
+                                                                    torch.Tensor]:
+        """(halo width to exchange, slices of the padded array that form the network's input window,
+        slices of the window's interior that are this subdomain, static channels on the window).
+        The window is the subdomain grown to `alignment` boundaries, plus the receptive halo."""
+        h = self.receptive_halo
+        lo, hi = self._slack(slices)
         read = tuple(slice(width - h - l, width + (s.stop - s.start) + u + h) for s, l, u in zip(slices, lo, hi))
         keep = tuple(slice(l, l + s.stop - s.start) for s, l in zip(slices, lo))
         ranges = [(s.start - l - h, s.stop + u + h) for s, l, u in zip(slices, lo, hi)]
@@ -126,7 +136,7 @@ class DiffusionEmulator:
         return self.mean + self.std * noise.to(self.dtype)
 
     def step(self, ens: torch.Tensor, t: float = 0.0) -> torch.Tensor:
-        """Advance every member (member, variable, y, x) by Δ = `dt` seconds (t keys the noise)."""
+        """Advance every member (member, variable, y, x) by Δ = `dt` seconds; round(t / Δ) keys the noise."""
         key = int(round(t / self.dt))
         if self._gather:
             full = self.domain.gather(ens)
@@ -142,48 +152,32 @@ class DiffusionEmulator:
         def pad(z: torch.Tensor, h: int = 0) -> torch.Tensor:
             return domain.exchange_halo(z, width)[(..., *read)]
 
-        xs = (x - self.mean) / self.std
-        cond = torch.cat([pad(xs), static.expand(members, *static.shape)], dim=1)
+        cond = torch.cat([pad((x - self.mean) / self.std), static.expand(members, *static.shape)], dim=1)
 
         def denoise(z: torch.Tensor, sigma: float) -> torch.Tensor:
             s = torch.full((members,), sigma, dtype=self.dtype)
-            out = self.model(z, s, cond, pad) if False else self._denoise_window(z, s, cond, pad)
-            return out[(..., *keep)]
+            return self.model(z, s, cond, pad)[(..., *keep)]
 
-        noise = self._noise_fn(key, members, domain)
-        inc = heun_sample(denoise, noise, steps=self.config.steps, sigma_min=self.config.sigma_min,
-                          sigma_max=self.config.sigma_max, rho=self.config.rho, churn=self.config.churn)
+        c = self.config
+        inc = heun_sample(denoise, self._noise_fn(key, members, domain), steps=c.steps, sigma_min=c.sigma_min,
+                          sigma_max=c.sigma_max, rho=c.rho, churn=c.churn)
         return x + self.inc_mean + self.inc_std * inc
-
-    def _denoise_window(self, z: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor,
-                        pad: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
-        """D on the aligned window (its interior may be larger than the subdomain by the slack)."""
-        from emulators.diffusion.edm import coefficients
-
-        c_skip, c_out, c_in, c_noise = coefficients(sigma, self.model.sigma_data)
-        v = (-1, 1, 1, 1)
-        zp = pad(z)
-        h = self.receptive_halo
-        inner = zp[..., h:-h, h:-h]
-        f = self.model.net(torch.cat([zp * c_in.view(v), cond], dim=1), c_noise)
-        return c_skip.view(v) * inner + c_out.view(v) * f
 
     def _noise_fn(self, key: int, members: int, domain: Decomposition) -> Callable[[int], torch.Tensor]:
         """noise(k): standard normals (members, variables, *local) for sub-step k of step `key`."""
-        nvar, size = len(self.variables), self.grid.size
-        nx = self.grid.shape[1]
+        nvar, size, nx = len(self.variables), self.grid.size, self.grid.shape[1]
         ys, xs = domain.local_slices
         ly, lx = ys.stop - ys.start, xs.stop - xs.start
 
         def noise(k: int) -> torch.Tensor:
             streams = [self.streams.normal_stream("sampler", (key, k, m)) for m in range(members)]
-            out = np.empty((members, nvar, ly, lx), dtype=np.float32)
+            out = np.empty((nvar, members, ly, lx), dtype=np.float32)
             for v in range(nvar):
-                if lx == nx:  # whole rows: one contiguous run of positions
-                    fill_rows(streams, v * size + ys.start * nx, out[:, v].reshape(members, ly * nx))
+                if lx == nx:  # whole rows: one contiguous run of positions per member
+                    fill_rows(streams, v * size + ys.start * nx, out[v].reshape(members, ly * lx))
                 else:
                     for y in range(ly):
-                        fill_rows(streams, v * size + (ys.start + y) * nx + xs.start, out[:, v, y])
-            return torch.from_numpy(out).to(self.dtype)
+                        fill_rows(streams, v * size + (ys.start + y) * nx + xs.start, out[v, :, y])
+            return torch.from_numpy(out).transpose(0, 1).to(self.dtype)
 
         return noise

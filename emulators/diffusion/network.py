@@ -11,7 +11,9 @@ Layout (units: folded pixels): 2x2 pixel folding (`fold`) → 3x3 stem → per l
 then (except at the bottom) 2x2 average pooling → back up: nearest upsampling, add the cropped skip,
 residual blocks → 1x1 head → unfold. Noise level enters by FiLM (scale and shift after each block's
 first LayerNorm) from an embedding of c_noise. Pooling and folding need tiles whose origin and size
-are multiples of `alignment` grid points (the emulator arranges that).
+are multiples of `alignment` grid points (the emulator arranges that); `receptive_halo` is the halo
+such an aligned tile needs. (A single output point can feel inputs up to receptive_halo +
+alignment − 1 away, because pooling blocks share information; aligned tiling accounts for that.)
 """
 from __future__ import annotations
 

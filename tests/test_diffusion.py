@@ -1,0 +1,402 @@
+"""Diffusion emulator: halo-exact tiling of the network, EDM pieces, sampler, checkpoints, the
+emulator (determinism, decomposition independence) and the training loop (smoke, exact resume)."""
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from emulators.diffusion import (CheckpointMismatch, DiffusionEmulator, NetworkConfig, Precond, UNetLite,
+                                 edm_loss, heun_sample, load_checkpoint, save_checkpoint, sigma_schedule)
+from emulators.diffusion.edm import EDMConfig, coefficients
+from emulators.diffusion.network import _trace
+from emulators.registry import model_registry
+from twin.domain import Grid, SerialDomain, pad_halo
+
+torch.set_num_threads(1)
+TINY = NetworkConfig(in_channels=5, out_channels=2, fold=2, channels=(8, 16), blocks=(1, 2), up_blocks=1, embed=16)
+
+
+def random_net(config=TINY, dtype=torch.float64, seed=0):
+    """A network with every weight random (the default init zeroes the head: output 0)."""
+    net = UNetLite(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return net.to(dtype).eval()
+
+
+def periodic(x, h):
+    return pad_halo(x, (h, h), (True, True))
+
+
+# ---------------------------------------------------------------- network
+
+
+@settings(max_examples=12, deadline=None)
+@given(ny=st.integers(2, 10), nx=st.integers(2, 10), cuts=st.data(),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_tiled_evaluation_with_halos_equals_global(ny, nx, cuts, dtype):
+    net = random_net(dtype=dtype)
+    h, a = net.receptive_halo, net.alignment
+    ny, nx = ny * a, nx * a
+    g = torch.Generator().manual_seed(ny * 100 + nx)
+    x = torch.randn(2, 5, ny, nx, generator=g, dtype=torch.float64).to(dtype)
+    c_noise = torch.tensor([-1.0, 0.5], dtype=dtype)
+    padded = periodic(x, h)
+    with torch.no_grad():
+        whole = net(padded, c_noise)
+        ys = sorted({0, ny, *(a * k for k in cuts.draw(st.lists(st.integers(1, ny // a - 1), max_size=3)) if ny > a)})
+        xs = sorted({0, nx, *(a * k for k in cuts.draw(st.lists(st.integers(1, nx // a - 1), max_size=3)) if nx > a)})
+        tiled = torch.empty_like(whole)
+        for y0, y1 in zip(ys[:-1], ys[1:]):
+            for x0, x1 in zip(xs[:-1], xs[1:]):
+                tiled[..., y0:y1, x0:x1] = net(padded[..., y0:y1 + 2 * h, x0:x1 + 2 * h], c_noise)
+    assert float(whole.abs().max()) > 0.1
+    atol = 1e-10 if dtype == torch.float64 else 1e-5 * float(whole.abs().max())
+    torch.testing.assert_close(tiled, whole, atol=atol, rtol=0)
+
+
+def test_receptive_halo_is_minimal_and_bounds_the_influence():
+    net = random_net()
+    h = net.receptive_halo
+    assert h == 26 and net.alignment == 4 and _trace(TINY, h) is not None and _trace(TINY, h - TINY.fold) is None
+    x = torch.randn(1, 5, 64, 64, dtype=torch.float64)
+    bumped = x.clone()
+    bumped[0, 1, 32, 32] += 1.0
+    with torch.no_grad():
+        diff = (net(periodic(bumped, h), torch.zeros(1)) - net(periodic(x, h), torch.zeros(1))).abs().amax((0, 1))
+    rows, cols = torch.nonzero(diff > 0, as_tuple=True)
+    # a pixel's own reach is up to h + alignment - 1 (pooling blocks); aligned tiles need only h
+    reach = max(int((rows - 32).abs().max()), int((cols - 32).abs().max()))
+    assert h < reach <= h + net.alignment - 1
+    with pytest.raises(ValueError, match="multiples of 4"):
+        net(periodic(x[..., :62, :], h), torch.zeros(1))
+
+
+def test_network_is_small():
+    net = UNetLite(NetworkConfig(in_channels=6, out_channels=2))
+    assert sum(p.numel() for p in net.parameters()) < 2_000_000
+
+
+# ---------------------------------------------------------------- EDM
+
+
+def test_preconditioning_coefficients_and_schedule():
+    c_skip, c_out, c_in, c_noise = coefficients(torch.tensor([0.5]), 0.5)
+    assert torch.allclose(torch.cat([c_skip, c_out, c_in]), torch.tensor([0.5, 0.5 / 2**0.5, 1 / (0.5 * 2**0.5)]))
+    assert torch.allclose(c_noise, torch.log(torch.tensor([0.5])) / 4)
+    s = sigma_schedule(18, 0.002, 20.0, 7.0)
+    assert len(s) == 19 and s[0] == pytest.approx(20.0) and s[17] == pytest.approx(0.002) and s[18] == 0.0
+    assert all(a > b for a, b in zip(s[:-1], s[1:]))
+
+
+def test_edm_loss_is_deterministic_for_a_generator():
+    net = UNetLite(NetworkConfig(in_channels=3, out_channels=1, channels=(4, 8), blocks=(1, 1), embed=8))
+    model, h = Precond(net, 1.0), net.receptive_halo
+    y, cond = torch.randn(2, 1, 8, 8), periodic(torch.randn(2, 2, 8, 8), h)
+    losses = [float(edm_loss(model, y, cond, periodic, EDMConfig(), torch.Generator().manual_seed(5)).detach())
+              for _ in range(2)]
+    assert losses[0] == losses[1] > 0
+
+
+def gaussian_denoiser(mu, s):
+    return lambda x, sigma: (s * s * x + sigma * sigma * mu) / (s * s + sigma * sigma)
+
+
+def seeded_noise(seed, n=100_000):
+    g = torch.Generator().manual_seed(seed)
+    return lambda k: torch.randn(n, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("churn,steps,std_tol", [(0.0, 40, 0.015), (5.0, 40, 0.02), (0.0, 18, 0.04)])
+def test_sampler_with_the_exact_denoiser_reproduces_a_gaussian(churn, steps, std_tol):
+    """N(μ, s²) with D(x, σ) = (s² x + σ² μ)/(s² + σ²). The flow from N(0, σ_max²) (not N(μ, s² + σ_max²))
+    ends at mean μ (1 − s/√(s² + σ_max²)); churn re-noises and pulls it to μ. 18 steps: a few % wider."""
+    mu, s, smax = 1.5, 0.7, 20.0
+    x = heun_sample(gaussian_denoiser(mu, s), seeded_noise(1), steps=steps, sigma_max=smax, churn=churn)
+    flow_mean = mu * (1 - s / (s * s + smax * smax) ** 0.5)
+    assert flow_mean - 0.01 < float(x.mean()) < (mu if churn else flow_mean) + 0.01
+    assert float(x.std()) == pytest.approx(s, rel=std_tol)
+
+
+def test_sampler_is_deterministic_for_fixed_noise():
+    d = gaussian_denoiser(0.0, 1.0)
+    a = heun_sample(d, seeded_noise(3, 50), steps=6, churn=3.0)
+    b = heun_sample(d, seeded_noise(3, 50), steps=6, churn=3.0)
+    c = heun_sample(d, seeded_noise(4, 50), steps=6, churn=3.0)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ---------------------------------------------------------------- checkpoints and the emulator
+
+
+def write_checkpoint(path, shape=(32, 32), net_config=TINY, seed=0, **changes):
+    net = random_net(net_config, torch.float32, seed)
+    fields = dict(network_config=net_config, state_dict={k: v * 0.3 for k, v in net.state_dict().items()},
+                  sigma_data=1.0, variables=(("a", "K", "field a"), ("b", "K", "field b")), grid_shape=shape,
+                  periodic=(True, True), static=("cos_y",), dt_seconds=21600.0,
+                  stats={"state_mean": (1.0, -1.0), "state_std": (10.0, 8.0), "inc_mean": (0.0, 0.1),
+                         "inc_std": (2.0, 3.0)}, training={"note": "test"})
+    fields.update(changes)
+    return save_checkpoint(path, **fields)
+
+
+def make_emulator(path, domain=None, dtype=torch.float64, **cfg):
+    config = DiffusionEmulator.Config(checkpoint=str(path), steps=3, churn=1.0, **cfg)
+    return DiffusionEmulator(config, domain or SerialDomain(DiffusionEmulator.global_grid(config)), dtype)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    path = write_checkpoint(tmp_path / "c.pt")
+    ck = load_checkpoint(path)
+    assert ck.grid_shape == (32, 32) and ck.dt_seconds == 21600.0 and ck.static == ("cos_y",)
+    assert ck.variables[1] == ("b", "K", "field b") and ck.stats["inc_std"] == (2.0, 3.0)
+    net = ck.build_network()
+    assert net.config == TINY
+    ref = random_net(TINY, torch.float32)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(net.state_dict()[k], v * 0.3)
+    assert model_registry["diffusion"] is DiffusionEmulator
+    em = make_emulator(path)
+    assert em.dt == 21600.0 and em.halo == em.receptive_halo == 26 and [v.name for v in em.variables] == ["a", "b"]
+
+
+def test_checkpoint_mismatches_are_one_line_errors(tmp_path):
+    bad = []
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    bad.append(tmp_path / "junk.pt")
+    torch.save({"hello": 1}, tmp_path / "other.pt")
+    bad.append(tmp_path / "other.pt")
+    bad.append(tmp_path / "absent.pt")
+    good = torch.load(write_checkpoint(tmp_path / "good.pt"), weights_only=True)
+    for name, change in [("version", {"format_version": 99}), ("vars", {"variables": [["a", "K", "x"]]}),
+                         ("arch", {"network": {**good["network"], "channels": [8, 24]}}),
+                         ("keys", {"state_dict": {k: v for k, v in good["state_dict"].items() if "head" not in k}}),
+                         ("archkey", {"network": {**good["network"], "attention": True}})]:
+        torch.save({**good, **change}, tmp_path / f"{name}.pt")
+        bad.append(tmp_path / f"{name}.pt")
+    for path in bad:
+        with pytest.raises(CheckpointMismatch) as e:
+            make_emulator(path)
+        assert str(e.value).startswith(str(path)) and "\n" not in str(e.value), str(e.value)
+    with pytest.raises(CheckpointMismatch, match="grid"):
+        make_emulator(tmp_path / "good.pt", SerialDomain(Grid((16, 16), (True, True))))
+    with pytest.raises(ValueError, match="single-step"):
+        make_emulator(tmp_path / "good.pt", sampler="single_step")
+
+
+def test_emulator_is_deterministic_and_members_differ(tmp_path):
+    em = make_emulator(write_checkpoint(tmp_path / "c.pt"))
+    x = torch.randn(3, 2, 32, 32, dtype=torch.float64) * 10
+    a, b = em.step(x, 0.0), em.step(x, 0.0)
+    assert torch.equal(a, b) and torch.isfinite(a).all()
+    assert not torch.equal(a, em.step(x, em.dt))
+    assert not torch.equal(a, make_emulator(tmp_path / "c.pt", seed=9).step(x, 0.0))
+    same = em.step(x[:1].expand(2, -1, -1, -1), 0.0)
+    assert float((same[0] - same[1]).abs().max()) > 1e-3
+
+
+class ThreadedTiles:
+    """Tiles of one process run in lockstep threads: halo exchange, gather and scatter through a
+    shared board, as an MPI decomposition would do them (for testing rank-count independence)."""
+
+    def __init__(self, grid, row_cuts, col_cuts):
+        self.grid = grid
+        self.tiles = [(slice(y0, y1), slice(x0, x1)) for y0, y1 in zip(row_cuts[:-1], row_cuts[1:])
+                      for x0, x1 in zip(col_cuts[:-1], col_cuts[1:])]
+        self.barrier, self.board = threading.Barrier(len(self.tiles)), {}
+
+    def domain(self, rank):
+        return _Tile(self, rank)
+
+
+class _Tile:
+    def __init__(self, group, rank):
+        self.group, self.rank, self.size, self.grid = group, rank, len(group.tiles), group.grid
+        self.local_slices = group.tiles[rank]
+        self.local_shape = tuple(s.stop - s.start for s in self.local_slices)
+
+    def _whole(self, x, tag=None):
+        g = self.group
+        g.board[self.rank] = (x, tag)
+        g.barrier.wait()
+        full = x.new_empty(x.shape[:-2] + self.grid.shape)
+        for r, (ys, xs) in enumerate(g.tiles):
+            full[..., ys, xs] = g.board[r][0]
+        tags = {g.board[r][1] for r in range(self.size)}
+        g.barrier.wait()
+        assert len(tags) == 1, f"ranks exchanged different halo widths {tags}"  # MPI needs equal strips
+        return full
+
+    def exchange_halo(self, x, w):
+        full = pad_halo(self._whole(x, w), (w, w), (True, True))
+        ys, xs = self.local_slices
+        return full[..., ys.start:ys.stop + 2 * w, xs.start:xs.stop + 2 * w]
+
+    def gather(self, x):
+        full = self._whole(x)
+        return full if self.rank == 0 else None
+
+    def scatter(self, x):
+        g = self.group
+        if self.rank == 0:
+            g.board["scatter"] = x
+        g.barrier.wait()
+        out = g.board["scatter"][(..., *self.local_slices)].clone()
+        g.barrier.wait()
+        return out
+
+    def allgather_object(self, obj):
+        g = self.group
+        g.board[("obj", self.rank)] = obj
+        g.barrier.wait()
+        out = [g.board[("obj", r)] for r in range(self.size)]
+        g.barrier.wait()
+        return out
+
+
+@pytest.mark.parametrize("rows,cols", [((0, 14, 32), (0, 32)), ((0, 16, 32), (0, 12, 32)), ((0, 4, 32), (0, 32))])
+def test_decomposed_step_equals_serial_step(tmp_path, rows, cols):
+    """Unaligned tiles (alignment slack), aligned 2x2 tiles, and a tile thinner than the halo (gather)."""
+    path = write_checkpoint(tmp_path / "c.pt")
+    grid = DiffusionEmulator.global_grid(DiffusionEmulator.Config(checkpoint=str(path)))
+    x = torch.randn(2, 2, 32, 32, dtype=torch.float64) * 5
+    serial = make_emulator(path).step(x, 3 * 21600.0)
+    group = ThreadedTiles(grid, rows, cols)
+    results, errors = {}, []
+
+    def work(rank):
+        try:
+            dom = group.domain(rank)
+            em = make_emulator(path, dom)
+            results[rank] = em.step(x[(..., *dom.local_slices)], 3 * 21600.0)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            group.barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(len(group.tiles))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for r, (ys, xs) in enumerate(group.tiles):
+        torch.testing.assert_close(results[r], serial[..., ys, xs], atol=1e-9, rtol=0)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("n", [64, 32])
+def test_mpi_step_equals_serial_step(tmp_path, n):
+    """Under mpiexec: 64 x 64 splits into subdomains wider than the halo (local path), 32 x 32 does not
+    (gather path); both give the serial step. Each rank writes the same checkpoint to its own folder."""
+    from mpi4py import MPI
+
+    from twin.mpi_domain import MPIDomain
+
+    path = write_checkpoint(tmp_path / "c.pt", shape=(n, n))
+    config = DiffusionEmulator.Config(checkpoint=str(path), steps=3, churn=1.0)
+    grid = DiffusionEmulator.global_grid(config)
+    x = torch.randn(2, 2, n, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    serial = make_emulator(path).step(x, 0.0)
+    dom = MPIDomain(grid, MPI.COMM_WORLD)
+    em = DiffusionEmulator(config, dom, torch.float64)
+    assert em._gather == (n == 32)
+    local = em.step(x[(..., *dom.local_slices)], 0.0)
+    torch.testing.assert_close(local, serial[(..., *dom.local_slices)], atol=1e-9, rtol=0)
+
+
+# ---------------------------------------------------------------- training
+
+TRAIN_CASE = """
+name: tiny
+truth: {kind: sqg, size: 32, dt: 1200.0}
+data: {runs: 3, validation_runs: 1, seed: 5, spinup: 2h, step: 1h, samples: 5}
+network: {channels: [8, 16], blocks: [1, 1], up_blocks: 1, embed: 16, static: [cos_y, sin_y]}
+train: {iterations: 6, batch_size: 2, warmup: 2, checkpoint_every: 3, threads: 1, validation_pairs: 2}
+"""
+
+
+def train_case(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text(TRAIN_CASE)
+    return path
+
+
+def test_training_smoke_run_writes_a_usable_checkpoint(tmp_path):
+    from twin.train import train_from_case
+
+    out = tmp_path / "out"
+    ckpt = train_from_case(train_case(tmp_path), out=out, quiet=True)
+    assert ckpt == out / "checkpoint.pt" and (out / "config.yaml").is_file() and (out / "loss.png").is_file()
+    em = make_emulator(ckpt)
+    assert em.dt == 3600.0 and em.grid.shape == (32, 32)
+    assert [v.name for v in em.variables] == ["theta_bottom", "theta_top"]
+    x = torch.randn(2, 2, 32, 32, dtype=torch.float64)
+    assert torch.isfinite(em.step(x, 0.0)).all()
+
+
+def test_interrupted_training_resumes_exactly(tmp_path, monkeypatch):
+    import twin.train as train
+
+    straight = train.train_from_case(train_case(tmp_path), out=tmp_path / "a", quiet=True)
+    real_save = train._atomic_save
+
+    def crash_after_first_resume_point(obj, path):
+        real_save(obj, path)
+        if Path(path).name == "train_state.pt":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_atomic_save", crash_after_first_resume_point)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_from_case(train_case(tmp_path), out=tmp_path / "b", quiet=True)
+    monkeypatch.setattr(train, "_atomic_save", real_save)
+    assert not (tmp_path / "b" / "checkpoint.pt").exists()
+    resumed = train.train_from_case(train_case(tmp_path), out=tmp_path / "b", quiet=True)
+    a, b = load_checkpoint(straight).state_dict, load_checkpoint(resumed).state_dict
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_case_errors_name_the_key(tmp_path):
+    from twin.config import ConfigError
+    from twin.train import load_train_case
+
+    path = train_case(tmp_path)
+    for override, key in [("data.step=1000s", "data.step"), ("data.spinup=soon", "data.spinup"),
+                          ("train.bogus=1", "train.bogus"), ("network.static=[cos_z]", "network.static"),
+                          ("data.validation_runs=3", "data.validation_runs"), ("truth.kind=nope", "truth.kind")]:
+        with pytest.raises(ConfigError) as e:
+            load_train_case(path, (override,))
+        assert e.value.key == key, (override, str(e.value))
+
+
+def test_shipped_training_case_and_weights_are_valid():
+    from twin.train import load_train_case
+
+    root = Path(__file__).parents[1]
+    case, _ = load_train_case(root / "cases" / "sqg_train.yaml")
+    assert case.truth[0] == "sqg"
+    weights = root / "emulators" / "weights" / "sqg_edm_v0.pt"
+    if weights.exists():
+        ck = load_checkpoint("sqg_edm_v0.pt")
+        assert ck.grid_shape == (64, 64) and weights.stat().st_size < 20e6
+
+
+def _cli_has_train():
+    from twin.cli import build_parser
+
+    return "train" in build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001
+
+
+@pytest.mark.skipif(not _cli_has_train(), reason="`twin train` is not wired into twin/cli.py yet")
+def test_twin_train_command(tmp_path, capsys):
+    from twin.cli import main
+
+    case = train_case(tmp_path)
+    out = tmp_path / "cli"
+    assert main(["train", str(case), "--set", "train.iterations=2", "--out", str(out), "--quiet"]) == 0
+    assert (out / "checkpoint.pt").is_file() and str(out / "checkpoint.pt") in capsys.readouterr().out
+    assert main(["train", str(case), "--set", "data.step=1000s", "--out", str(out), "--quiet"]) == 2
+    assert "data.step" in capsys.readouterr().err
