@@ -77,3 +77,13 @@ def test_bad_observation_files_exit_2_with_one_line(tmp_path, capsys):
         assert rc == 2, (name, err)
         assert err.count("\n") == 1 and name in err and "Traceback" not in err, err
         assert not (tmp_path / f"out_{name}").exists() and not (tmp_path / f"out_{name}.partial").exists()
+
+
+def test_all_nan_observations_are_screened_and_the_analysis_stays_finite(tmp_path):
+    rows = ["time,x,variable,value,error"] + [f"{c * 0.1},{x},X,nan,1.0" for c in range(20) for x in range(0, 40, 5)]
+    csv = tmp_path / "nan.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    assert main(["run", str(write_case(tmp_path, path=str(csv))), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert s["obs_rejected"]["nonfinite"] == 160 and s["obs_used"] == 0
+    assert np.isfinite(xr.open_dataset(tmp_path / "o" / "analysis.nc")["X"].values).all()
