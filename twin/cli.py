@@ -97,36 +97,37 @@ def _is_root() -> bool:
     return world is None or world.Get_rank() == 0
 
 
+def _command(sub: argparse._SubParsersAction, name: str, help: str, func, arg: str, arg_help: str, *,
+             sets: bool = False, out: str | None = None, quiet: bool = False) -> argparse.ArgumentParser:
+    """One subcommand with the options the commands share (--set, --out, --quiet)."""
+    cmd = sub.add_parser(name, help=help)
+    cmd.add_argument(arg, help=arg_help)
+    if sets:
+        cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (dotted path)")
+    if out:
+        cmd.add_argument("--out", help=f"output folder (wins over {out})")
+    if quiet:
+        cmd.add_argument("--quiet", action="store_true", help="no progress bar")
+    cmd.set_defaults(func=func)
+    return cmd
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="twin", description="EarthTwin: Earth-system digital twins.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    run = sub.add_parser("run", help="run a case file")
-    run.add_argument("case", help="case YAML file")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (dotted path)")
-    run.add_argument("--out", help="output folder (wins over run.out)")
+    run = _command(sub, "run", "run a case file", _cmd_run, "case", "case YAML file", sets=True, out="run.out",
+                   quiet=True)
     run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
-    run.set_defaults(func=_cmd_run)
-    val = sub.add_parser("validate", help="check a case file")
-    val.add_argument("case")
-    val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    val.set_defaults(func=_cmd_validate)
-    hind = sub.add_parser("hindcast", help="run a hindcast campaign (alone or under mpiexec)")
-    hind.add_argument("campaign", help="campaign YAML file")
-    hind.add_argument("--out", help="output folder (wins over the campaign's out)")
-    hind.add_argument("--quiet", action="store_true", help="no progress bar")
-    hind.set_defaults(func=_cmd_hindcast)
-    train = sub.add_parser("train", help="train the emulator a training case describes")
-    train.add_argument("case", help="training case YAML file (e.g. cases/sqg_train.yaml)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (dotted path)")
-    train.add_argument("--out", help="output folder (wins over the case's out)")
+    _command(sub, "validate", "check a case, campaign or training file", _cmd_validate, "case", "YAML file",
+             sets=True)
+    _command(sub, "hindcast", "run a hindcast campaign (alone or under mpiexec)", _cmd_hindcast, "campaign",
+             "campaign YAML file", out="the campaign's out", quiet=True)
+    train = _command(sub, "train", "train the emulator a training case describes", _cmd_train, "case",
+                     "training case YAML file (e.g. cases/sqg_train.yaml)", sets=True, out="the case's out",
+                     quiet=True)
     train.add_argument("--restart", action="store_true", help="ignore OUT/train_state.pt and start afresh")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
-    train.set_defaults(func=_cmd_train)
-    plot = sub.add_parser("plot", help="(re)draw the figures of a run folder")
-    plot.add_argument("dir")
-    plot.set_defaults(func=_cmd_plot)
+    _command(sub, "plot", "(re)draw the figures of a run folder", _cmd_plot, "dir", "run folder")
     return p
 
 
