@@ -1,4 +1,4 @@
-"""The `twin` command: run, validate, plot.
+"""The `twin` command: run, validate, hindcast, train, plot, export.
 
 Exit codes: 0 ok, 2 user error (one line on stderr, no traceback), 1 internal error.
 """
@@ -15,9 +15,11 @@ from twin.io import DatasetError, RestartError
 from twin.twin import CheckpointError
 from assim.obsfiles import ObservationFileError
 from emulators.diffusion.checkpoint import CheckpointMismatch
+from twin.export import ExportError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DatasetError, RestartError, CheckpointError,
-                                                ObservationFileError, CheckpointMismatch, FileNotFoundError)
+                                                ObservationFileError, CheckpointMismatch, FileNotFoundError,
+                                                ExportError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,6 +94,15 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from twin.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, what=args.what, dtype=args.dtype, steps=args.steps,
+                            churn=args.churn)
+    print(f"{out} (metadata: {out.name}.json)")
+    return 0
+
+
 def _is_root() -> bool:
     world = mpi_world()
     return world is None or world.Get_rank() == 0
@@ -128,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
                      quiet=True)
     train.add_argument("--restart", action="store_true", help="ignore OUT/train_state.pt and start afresh")
     _command(sub, "plot", "(re)draw the figures of a run folder", _cmd_plot, "dir", "run folder")
+    exp = _command(sub, "export", "write a diffusion checkpoint as TorchScript for Fortran hosts (FTorch)",
+                   _cmd_export, "checkpoint", "checkpoint file (a bare name is also looked up in emulators/weights/)")
+    exp.add_argument("--out", default="model.pt", help="TorchScript file to write (metadata: OUT.json beside it)")
+    exp.add_argument("--what", choices=("step", "denoiser"), default="step",
+                     help="step: (state, noise) -> next state in physical units; denoiser: EDM D(x, sigma, cond)")
+    exp.add_argument("--steps", type=int, default=18, help="Heun sampler steps of the step module")
+    exp.add_argument("--churn", type=float, default=0.0, help="S_churn of the step module's sampler")
+    exp.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="tensor dtype")
     return p
 
 

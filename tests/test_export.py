@@ -1,0 +1,211 @@
+"""`twin export`: TorchScript modules reloaded in a fresh process equal the Python emulator."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from emulators.diffusion import CheckpointMismatch, DiffusionEmulator, NetworkConfig, Precond, UNetLite
+from emulators.diffusion.checkpoint import WEIGHTS_DIR, load_checkpoint, save_checkpoint
+from emulators.diffusion.emulator import static_fields
+from twin.domain import SerialDomain, pad_halo
+from twin.export import ExportError, build_module, export_checkpoint
+
+torch.set_num_threads(1)
+TINY = NetworkConfig(in_channels=6, out_channels=2, fold=2, channels=(8, 16), blocks=(1, 2), up_blocks=1, embed=16)
+SHIPPED = WEIGHTS_DIR / "sqg_edm_v0.pt"
+TOL = 1e-6  # max |difference| in the fields' own units (K); float32 throughout
+
+# Runs in a fresh interpreter without EarthTwin on the path: only torch and the .pt files.
+RUNNER = """
+import sys, torch
+torch.set_num_threads(1)
+jobs = torch.load(sys.argv[1])
+out = {}
+for name, job in jobs.items():
+    m = torch.jit.load(job["model"])
+    args = job["args"]
+    first, second = m(*args), m(*args)  # the second call runs the profiled, optimised graph
+    out[name] = {"first": first, "second": second, "metadata": m.metadata, "grad": first.requires_grad}
+torch.save(out, sys.argv[2])
+"""
+
+
+def tiny_checkpoint(path: Path, shape: tuple[int, int] = (32, 32),
+                    periodic: tuple[bool, bool] = (True, True)) -> Path:
+    """A checkpoint with every weight random (the default init zeroes the head, so the output would be 0)."""
+    net = UNetLite(TINY)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return save_checkpoint(path, network_config=TINY, state_dict=net.state_dict(), sigma_data=1.0,
+                           variables=(("a", "K", "field a"), ("b", "K", "field b")), grid_shape=shape,
+                           periodic=periodic, static=("cos_y", "sin_y"), dt_seconds=21600.0,
+                           stats={"state_mean": (1.0, -1.0), "state_std": (10.0, 8.0), "inc_mean": (0.0, 0.1),
+                                  "inc_std": (2.0, 3.0)})
+
+
+def emulator(path: Path, **sampler) -> DiffusionEmulator:
+    config = DiffusionEmulator.Config(checkpoint=str(path), seed=7, **sampler)
+    return DiffusionEmulator(config, SerialDomain(DiffusionEmulator.global_grid(config)), torch.float32)
+
+
+def step_case(path: Path, members: int, **sampler) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """((state, noise), DiffusionEmulator.step(state)) with the emulator's own noise for that step."""
+    emu = emulator(path, **sampler)
+    ny, nx = emu.grid.shape
+    state = torch.randn(members, 2, ny, nx, generator=torch.Generator().manual_seed(1)) * 12.0
+    key = 4
+    draw = emu._noise_fn(key, members, emu.domain)  # the very numbers `step` draws at t = key · Δ
+    noise = torch.stack([draw(k) for k in range(emu.config.steps + 1)])
+    return (state, noise), emu.step(state, key * emu.dt)
+
+
+def denoiser_case(path: Path) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """((x, sigma, cond), D) with D from `edm.Precond` on a periodically padded window."""
+    ck = load_checkpoint(path)
+    model = Precond(ck.build_network(), ck.sigma_data)
+    h, (ny, nx) = model.net.receptive_halo, ck.grid_shape
+    g = torch.Generator().manual_seed(2)
+    x, cond = torch.randn(2, 2, ny, nx, generator=g), torch.randn(2, 2, ny, nx, generator=g)
+    sigma = torch.tensor([0.05, 3.0])
+    static = static_fields(ck.static, ck.grid_shape, (-h, ny + h), (-h, nx + h))
+    window = torch.cat([pad_halo(cond, (h, h), ck.periodic), static.expand(2, -1, -1, -1)], 1)
+    with torch.no_grad():
+        ref = model(x, sigma, window, lambda z, w: pad_halo(z, (w, w), ck.periodic))
+    return (x, sigma, cond), ref
+
+
+def run_fresh(tmp_path: Path, jobs: dict) -> dict:
+    torch.save(jobs, tmp_path / "jobs.pt")
+    proc = subprocess.run([sys.executable, "-c", RUNNER, str(tmp_path / "jobs.pt"), str(tmp_path / "out.pt")],
+                          cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return torch.load(tmp_path / "out.pt")
+
+
+def test_round_trip_in_a_fresh_process(tmp_path):
+    tiny = tiny_checkpoint(tmp_path / "tiny.pt")
+    cases = {"tiny_step_churn": (tiny, dict(steps=6, churn=2.0), 3),
+             "shipped_step": (SHIPPED, {}, 2)}  # the shipped checkpoint with the emulator's defaults (18 steps)
+    jobs, refs = {}, {}
+    for name, (ck, sampler, members) in cases.items():
+        args, refs[name] = step_case(ck, members, **sampler)
+        model = export_checkpoint(ck, tmp_path / f"{name}.pt", what="step", **sampler)
+        jobs[name] = {"model": str(model), "args": args}
+    args, refs["tiny_denoiser"] = denoiser_case(tiny)
+    den = export_checkpoint(tiny, tmp_path / "den.pt", what="denoiser")
+    jobs["tiny_denoiser"] = {"model": str(den), "args": args}
+    out = run_fresh(tmp_path, jobs)
+    for name, ref in refs.items():
+        for call in ("first", "second"):
+            got = out[name][call]
+            assert got.dtype == torch.float32 and got.shape == ref.shape and not out[name]["grad"]
+            diff = (got - ref).abs().max().item()
+            assert diff <= TOL, f"{name} ({call} call): max |diff| {diff:.3g} > {TOL}"
+        assert json.loads(out[name]["metadata"])["what"] == ("denoiser" if name.endswith("denoiser") else "step")
+    moved = (refs["shipped_step"] - jobs["shipped_step"]["args"][0]).abs().max().item()
+    assert moved > 0.1  # the step did something (a zero network would make every comparison trivial)
+
+
+def test_sidecar_states_layout_units_and_noise(tmp_path):
+    out = export_checkpoint(SHIPPED, tmp_path / "sub" / "model.pt")
+    meta = json.loads((tmp_path / "sub" / "model.pt.json").read_text())
+    assert out == tmp_path / "sub" / "model.pt" and meta["dtype"] == "float32" and meta["dt_seconds"] == 21600.0
+    assert meta["inputs"][0]["shape"] == ["member", 2, 64, 64] and meta["inputs"][0]["units"] == ["K", "K"]
+    assert meta["inputs"][1]["shape"] == [19, "member", 2, 64, 64] and meta["inputs"][1]["indices_read"] == [0]
+    assert meta["sampler"] == {"kind": "heun", "steps": 18, "sigma_min": 0.002, "sigma_max": 20.0, "rho": 7.0,
+                               "churn": 0.0, "network_calls": 35}
+    assert "Fortran array dimensioned (x, y, variable, member)" in meta["layout"]
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["model.pt", "model.pt.json"]
+
+
+def test_unaligned_open_grid_and_float64_match_the_emulator(tmp_path):
+    ck = tiny_checkpoint(tmp_path / "odd.pt", shape=(30, 26), periodic=(True, False))
+    (state, noise), ref = step_case(ck, 2, steps=3, churn=1.0)
+    module, _ = build_module(ck, steps=3, churn=1.0)
+    assert torch.equal(module(state, noise), ref)
+    fortran = [t.permute(*reversed(range(t.dim()))).contiguous().permute(*reversed(range(t.dim())))
+               for t in (state, noise)]  # FTorch's view of Fortran arrays (x, y, variable, member[, k])
+    assert not fortran[0].is_contiguous() and torch.equal(module(*fortran), ref)
+    config = DiffusionEmulator.Config(checkpoint=str(ck), steps=3, churn=1.0, seed=7)
+    emu = DiffusionEmulator(config, SerialDomain(DiffusionEmulator.global_grid(config)), torch.float64)
+    module64, _ = build_module(ck, steps=3, churn=1.0, dtype="float64")
+    assert torch.equal(module64(state.double(), noise.double()), emu.step(state.double(), 4 * emu.dt))
+
+
+def test_wrong_input_shapes_are_refused(tmp_path):
+    module, _ = build_module(tiny_checkpoint(tmp_path / "t.pt"), steps=2)
+    with pytest.raises(torch.jit.Error, match="noise: expected shape"):
+        module(torch.zeros(1, 2, 32, 32), torch.zeros(2, 1, 2, 32, 32))
+    with pytest.raises(torch.jit.Error, match="state: expected shape"):
+        module(torch.zeros(1, 2, 32, 31), torch.zeros(3, 1, 2, 32, 31))
+
+
+@pytest.mark.parametrize("kind", ["garbage", "not_a_dict", "missing_keys", "wrong_weights", "absent"])
+def test_bad_checkpoints_raise_one_line_naming_the_path(tmp_path, kind):
+    bad = tmp_path / f"{kind}.pt"
+    if kind == "garbage":
+        bad.write_bytes(b"\x00not a torch file" * 10)
+    elif kind == "not_a_dict":
+        torch.save([1, 2, 3], bad)
+    elif kind == "missing_keys":
+        raw = torch.load(tiny_checkpoint(tmp_path / "ok.pt"), weights_only=True)
+        del raw["stats"], raw["state_dict"]
+        torch.save(raw, bad)
+    elif kind == "wrong_weights":
+        raw = torch.load(tiny_checkpoint(tmp_path / "ok.pt"), weights_only=True)
+        raw["network"]["channels"] = [8, 32]
+        torch.save(raw, bad)
+    out = tmp_path / "out" / "model.pt"
+    with pytest.raises(CheckpointMismatch) as err:
+        export_checkpoint(bad, out)
+    assert str(bad) in str(err.value) and "\n" not in str(err.value)
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_export_is_atomic(tmp_path, monkeypatch):
+    ck = tiny_checkpoint(tmp_path / "t.pt")
+    out = export_checkpoint(ck, tmp_path / "model.pt", steps=2)
+    before = out.read_bytes(), (tmp_path / "model.pt.json").read_text()
+
+    def broken_save(module, path, *a, **k):
+        Path(path).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch.jit, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        export_checkpoint(ck, out, steps=5)
+    assert (out.read_bytes(), (tmp_path / "model.pt.json").read_text()) == before  # the old export is intact
+    with pytest.raises(OSError):
+        export_checkpoint(ck, tmp_path / "new.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model.pt.json", "t.pt"]  # no partial file
+
+
+def test_bad_requests_are_export_errors(tmp_path):
+    ck = tiny_checkpoint(tmp_path / "t.pt")
+    for kwargs in ({"what": "sampler"}, {"dtype": "float16"}, {"steps": 0}, {"sigma_min": 30.0}):
+        with pytest.raises(ExportError):
+            export_checkpoint(ck, tmp_path / "m.pt", **kwargs)
+    with pytest.raises(ExportError, match="is a folder"):
+        export_checkpoint(ck, tmp_path)
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_cli_export(tmp_path, capsys):
+    from twin.cli import build_parser, main
+
+    if "export" not in build_parser().format_help():
+        pytest.skip("`twin export` is not wired into twin/cli.py yet")
+    assert main(["export", str(tiny_checkpoint(tmp_path / "t.pt")), "--out", str(tmp_path / "m.pt")]) == 0
+    assert (tmp_path / "m.pt").is_file() and (tmp_path / "m.pt.json").is_file()
+    (tmp_path / "bad.pt").write_text("nope")
+    assert main(["export", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "n.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.pt" in err[0] and not (tmp_path / "n.pt").exists()
