@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from assim.blending import (Blend, BlendParams, apply_blend, blend, dynamic_radii, load_terrain, network_scale,
+from assim.blending import (Blend, BlendParams, blend, dynamic_radii, load_terrain, network_scale,
                             terrain_roughness)
 from assim.geo import KM_PER_DEGREE, GeoGrid, great_circle_km
 from assim.observations import ObservationBatch

@@ -192,7 +192,7 @@ def test_missing_and_corrupt_files(tmp_path):
 
 
 def test_netcdf_errors_are_one_line(tmp_path):
-    grid, ts = GeoGrid.regular(19, 36), dict(grid=GeoGrid.regular(19, 36), start="2000-01-01")
+    ts = dict(grid=GeoGrid.regular(19, 36), start="2000-01-01")
     one_line_error(time_series_file(tmp_path / "a.nc", theta={"units": "degC"}), "theta", "degC", "'K'", **ts)
     one_line_error(time_series_file(tmp_path / "b.nc", easting={"units": "m"}), "easting", "'m'", **ts)
     one_line_error(time_series_file(tmp_path / "c.nc", obs_time={"units": "fortnights since 2000-01-01"}),

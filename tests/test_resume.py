@@ -6,7 +6,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 import xarray as xr
 
 from twin.cli import main

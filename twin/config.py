@@ -411,7 +411,7 @@ def keys_table() -> str:
         return out
 
     head = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    sections = [("Case", [f"| `name` | str | required | case name (summary.json `case`) |"])]
+    sections = [("Case", ["| `name` | str | required | case name (summary.json `case`) |"])]
     for f in dataclasses.fields(CaseConfig):
         if dataclasses.is_dataclass(f.default) and f.name != "assimilation":
             sections.append((f"`{f.name}`", rows(type(f.default), f"{f.name}.")))

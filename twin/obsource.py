@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from assim.obsfiles import ObservationTable, read_observations
+from assim.obsfiles import read_observations
 from assim.observations import ObservationBatch
 from assim.qc import gross_error, screen, select_window
 from twin.domain import Decomposition, Grid
