@@ -19,19 +19,20 @@ def twin_cmd(*args):
     return [sys.executable, "-m", "twin.cli", *args]
 
 
-def test_mpiexec_run_equals_serial(tmp_path):
+@pytest.mark.parametrize("ranks", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4 oversubscribes 2 cores
+def test_mpiexec_run_equals_serial(tmp_path, ranks):
     mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable))  # from the mpich wheel
     assert mpiexec is not None, "the test extra installs mpich, which provides mpiexec"
     serial, parallel = tmp_path / "serial", tmp_path / "parallel"
     subprocess.run(twin_cmd("run", str(CASE), "--out", str(serial), "--quiet", *SETS), check=True, timeout=300)
-    subprocess.run([mpiexec, "-n", "2", *twin_cmd("run", str(CASE), "--out", str(parallel), "--quiet", *SETS)],
+    subprocess.run([mpiexec, "-n", str(ranks), *twin_cmd("run", str(CASE), "--out", str(parallel), "--quiet", *SETS)],
                    check=True, timeout=300)
     for name in ("analysis.nc", "truth.nc", "observations.nc", "restart.nc"):
         a, b = xr.open_dataset(serial / name), xr.open_dataset(parallel / name)
         for var in a.data_vars:
             np.testing.assert_allclose(a[var].values, b[var].values, atol=1e-12, rtol=0, err_msg=f"{name}:{var}")
     s, p = (json.loads((d / "summary.json").read_text()) for d in (serial, parallel))
-    assert p["ranks"] == 2 and s["ranks"] == 1
+    assert p["ranks"] == ranks and s["ranks"] == 1
     for key in ("rmse_analysis", "rmse_forecast", "spread_analysis", "crps_analysis"):
         assert p[key] == pytest.approx(s[key], abs=1e-12)
     assert not list(tmp_path.glob("*.partial"))
