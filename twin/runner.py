@@ -165,15 +165,17 @@ def write_outputs(tw: Twin, folder: Path, final: torch.Tensor) -> None:
 
 
 def write_observations(tw: Twin, path: Path, common: dict) -> None:
+    """observations.nc: the observations of the written cycles with their O-B and O-A."""
     obs = tw.recorder.observations
-    cat = (lambda k: torch.cat([o[k] for o in obs]).double().numpy()) if obs else (lambda k: np.zeros(0))
-    ids = torch.cat([o["ids"] for o in obs]).numpy() if obs else np.zeros(0, dtype=np.int64)
-    variable = torch.cat([torch.as_tensor(o["variable"]) for o in obs]).numpy() if obs else np.zeros(0, dtype=np.int64)
+
+    def column(key: str, dtype: type = np.float64) -> np.ndarray:
+        return torch.cat([torch.as_tensor(o[key]) for o in obs]).numpy().astype(dtype) if obs else np.zeros(0, dtype)
+
     times = np.concatenate([np.full(o["ids"].shape[0], o["time"]) for o in obs]) if obs else np.zeros(0)
-    locations = cat("locations").reshape(-1, tw.grid.ndim) if obs else np.zeros((0, tw.grid.ndim))
-    extra = {"omb": (("obs",), cat("omb"), {"long_name": "observation minus background mean"}),
-             "oma": (("obs",), cat("oma"), {"long_name": "observation minus analysis mean"})}
-    ds = io.observations_dataset(times, locations, variable, cat("values"), cat("error_std"), ids,
+    extra = {"omb": (("obs",), column("omb"), {"long_name": "observation minus background mean"}),
+             "oma": (("obs",), column("oma"), {"long_name": "observation minus analysis mean"})}
+    ds = io.observations_dataset(times, column("locations").reshape(-1, tw.grid.ndim), column("variable", np.int64),
+                                 column("values"), column("error_std"), column("ids", np.int64),
                                  tw.grid, tw.model.variables, extra=extra, **common)
     io.write_netcdf_atomic(ds, path)
 
