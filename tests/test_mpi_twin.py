@@ -14,6 +14,7 @@ CASES = Path(__file__).parents[1] / "cases"
     ("lorenz96_letkf.yaml", []),
     ("lorenz96_enkf.yaml", []),
     ("lorenz96_letkf.yaml", ["observations.fraction=0.5", "run.dtype=float32"]),
+    ("lorenz96_letkf.yaml", ["output.every=4", "output.members=mean"]),
     ("sqg_perfect_model_letkf.yaml", ["run.cycles=3", "run.burn_in=1", "observations.every=3",
                                       "truth.spinup_steps=30", "ensemble.size=6"]),
     ("sqg_blend.yaml", ["run.cycles=3", "run.burn_in=1", "observations.every=3", "truth.spinup_steps=30",

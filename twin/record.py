@@ -123,22 +123,48 @@ class RunRecorder:
         for i, p in enumerate(group):
             self.times.append(p.time)
             self.cycles.append(p.cycle)
-            if p.cycle % self.output_every:
-                continue
-            self.out_cycles.append(p.cycle)
-            # rows of batch tensors are cloned: a view would keep the whole batch alive
-            self.analysis.append(p.analysis if self.keep_members else ana_mean[i].clone())
-            if not self.keep_members:
-                self.analysis_spread.append(p.analysis.std(dim=0))
-            self.background_mean.append(prior_mean[i].clone())
-            self.background_spread.append(p.prior.std(dim=0))
-            if truth is not None:
-                self.truth.append(truth[i].clone())
-            if p.obs is not None and p.obs.size:
-                self.observations.append({
-                    "time": p.time, "ids": p.obs.ids, "values": p.obs.values, "error_std": p.obs.error_std,
-                    "locations": p.obs.locations, "variable": p.obs.operator.variable, "omb": omb[i].clone(), "oma": oma[i].clone(),
-                })
+            if p.cycle % self.output_every == 0:
+                has_obs = p.obs is not None and p.obs.size
+                self._store_outputs(p, ana_mean[i], prior_mean[i], None if truth is None else truth[i],
+                                    omb[i] if has_obs else None, oma[i] if has_obs else None)
+
+    def _store_outputs(self, p: _Pending, ana_mean: torch.Tensor, prior_mean: torch.Tensor,
+                       truth: torch.Tensor | None, omb: torch.Tensor | None, oma: torch.Tensor | None) -> None:
+        """Keep one output cycle; rows of batch tensors are cloned (a view keeps the whole batch)."""
+        self.out_cycles.append(p.cycle)
+        self.analysis.append(p.analysis if self.keep_members else ana_mean.clone())
+        if not self.keep_members:
+            self.analysis_spread.append(p.analysis.std(dim=0))
+        self.background_mean.append(prior_mean.clone())
+        self.background_spread.append(p.prior.std(dim=0))
+        if truth is not None:
+            self.truth.append(truth.clone())
+        if omb is not None:
+            self.observations.append({
+                "time": p.time, "ids": p.obs.ids, "values": p.obs.values, "error_std": p.obs.error_std,
+                "locations": p.obs.locations, "variable": p.obs.operator.variable, "omb": omb.clone(),
+                "oma": oma.clone(),
+            })
+
+    def record_reduced(self, cycle: int, time: float, scores: dict[str, float], rank_counts: torch.Tensor | None,
+                       outputs: tuple | None) -> None:
+        """Record a cycle scored elsewhere (under MPI: partial sums reduced across ranks, see
+        `partial_sums`); `outputs` = (prior, analysis, truth, obs) gathered, at output cycles only."""
+        self.flush()
+        for k in METRICS:
+            self.per_cycle[k].append(np.array([scores[k]], dtype=np.float64))
+        if rank_counts is not None and cycle >= self.burn_in:
+            self.rank_counts = rank_counts if self.rank_counts is None else self.rank_counts + rank_counts
+        self.times.append(time)
+        self.cycles.append(cycle)
+        if outputs is not None:
+            prior, analysis, truth, obs = outputs
+            p = _Pending(cycle, time, prior, analysis, truth, obs)
+            prior_mean, ana_mean = prior.mean(0), analysis.mean(0)
+            has_obs = obs is not None and obs.size
+            self._store_outputs(p, ana_mean, prior_mean, truth,
+                                obs.values - obs.operator(prior_mean) if has_obs else None,
+                                obs.values - obs.operator(ana_mean) if has_obs else None)
 
     _STATE = ("times", "cycles", "per_cycle", "out_cycles", "analysis", "analysis_spread", "background_mean",
               "background_spread", "truth", "observations", "rank_counts")
@@ -179,3 +205,38 @@ class RunRecorder:
             tail = v[self.burn_in:]
             out[k] = float(np.mean(tail)) if tail.size and np.all(np.isfinite(tail)) else None
         return out
+
+
+def partial_sums(prior: torch.Tensor, analysis: torch.Tensor, truth: torch.Tensor | None,
+                 obs: ObservationBatch | None) -> torch.Tensor:
+    """This rank's share of one cycle's scores as sums (float64), to be all-reduced:
+    [n_points, Σ var_a, Σ var_f, Σ err²_a, Σ err²_f, Σ crps, n_obs, Σ omb, Σ omb², Σ oma, Σ oma²,
+    rank counts...]. Truth-free runs put NaN in the error sums."""
+    n = float(prior[0].numel())
+    prior_mean, ana_mean = prior.mean(0), analysis.mean(0)
+    out = [n, float(analysis.var(0).sum()), float(prior.var(0).sum())]
+    if truth is not None:
+        out += [float((ana_mean - truth).square().sum()), float((prior_mean - truth).square().sum()),
+                float(metrics.crps_fair(analysis, truth)) * n]
+        ranks = metrics.rank_histogram(metrics.truth_rank(analysis, truth), analysis.shape[0]).double()
+    else:
+        out += [float("nan")] * 3
+        ranks = torch.zeros(analysis.shape[0] + 1, dtype=torch.float64)
+    if obs is not None and obs.size:
+        omb, oma = obs.values - obs.operator(prior_mean), obs.values - obs.operator(ana_mean)
+        out += [float(obs.size), float(omb.sum()), float(omb.square().sum()), float(oma.sum()), float(oma.square().sum())]
+    else:
+        out += [0.0] * 5
+    return torch.cat([torch.tensor(out, dtype=torch.float64), ranks])
+
+
+def scores_from_sums(total: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
+    """The per-cycle metrics (as the batched scoring defines them) from all-reduced `partial_sums`."""
+    n, var_a, var_f, sq_a, sq_f, crps, n_obs, omb, omb2, oma, oma2 = total[:11].tolist()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scores = {"spread_analysis": np.sqrt(var_a / n), "spread_forecast": np.sqrt(var_f / n),
+                  "rmse_analysis": np.sqrt(sq_a / n), "rmse_forecast": np.sqrt(sq_f / n), "crps_analysis": crps / n,
+                  "obs_count": n_obs,
+                  "omb_mean": omb / n_obs if n_obs else np.nan, "omb_rms": np.sqrt(omb2 / n_obs) if n_obs else np.nan,
+                  "oma_mean": oma / n_obs if n_obs else np.nan, "oma_rms": np.sqrt(oma2 / n_obs) if n_obs else np.nan}
+    return {k: float(v) for k, v in scores.items()}, total[11:].round().long()

@@ -22,7 +22,7 @@ from twin.config import CaseConfig, ConfigError, load_case
 from twin.domain import make_domain
 from twin.nature import NatureRun
 from twin.random import Streams
-from twin.record import RunRecorder
+from twin.record import RunRecorder, partial_sums, scores_from_sums
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 CHECKPOINT_FORMAT = 1
@@ -158,20 +158,27 @@ class Twin:
         return ens
 
     def _record_gathered(self, prior: torch.Tensor, ens: torch.Tensor, obs: ObservationBatch) -> None:
-        """Under MPI rank 0 records the global fields and observations (moderate grids)."""
+        """Under MPI the scores are partial sums reduced across ranks (one small all-reduce); the
+        fields and observations are gathered to rank 0 at output cycles only."""
         dom = self.domain
-        prior_g, ens_g, truth_g = dom.gather(prior), dom.gather(ens), dom.gather(self.truth)
-        parts = dom.allgather_object((obs.ids.numpy(), obs.values.numpy(), obs.error_std.numpy()))
-        if dom.rank != 0:
-            return
+        scores, rank_counts = scores_from_sums(dom.allreduce(partial_sums(prior, ens, self.truth, obs)))
+        outputs = None
+        if self.cycle % self.case.output.every == 0:
+            prior_g, ens_g, truth_g = dom.gather(prior), dom.gather(ens), dom.gather(self.truth)
+            parts = dom.allgather_object((obs.ids.numpy(), obs.values.numpy(), obs.error_std.numpy()))
+            if dom.rank == 0:
+                outputs = (prior_g, ens_g, truth_g, self._global_observations(obs, parts))
+        if dom.rank == 0:
+            self.recorder.record_reduced(self.cycle, self.time, scores, rank_counts, outputs)
+
+    def _global_observations(self, obs: ObservationBatch, parts: list) -> ObservationBatch:
+        """All ranks' observations of this cycle as one batch on the global grid, ordered by id."""
         if self.file_observations is not None:
-            global_obs = self.file_observations.global_batch(obs.time)
-        else:
-            ids, values, err = (torch.from_numpy(np.concatenate([p[i] for p in parts])) for i in range(3))
-            order = torch.argsort(ids, stable=True)
-            op = self.observer.global_operator(ids[order])
-            global_obs = ObservationBatch(obs.time, values[order], err[order], ids[order], op)
-        self.recorder.record(self.cycle, self.time, prior_g, ens_g, truth_g, global_obs)
+            return self.file_observations.global_batch(obs.time)
+        ids, values, err = (torch.from_numpy(np.concatenate([p[i] for p in parts])) for i in range(3))
+        order = torch.argsort(ids, stable=True)
+        op = self.observer.global_operator(ids[order])
+        return ObservationBatch(obs.time, values[order], err[order], ids[order], op)
 
     def forecast(self) -> torch.Tensor:
         """Advance the ensemble `observations.every` model steps to the next cycle."""
