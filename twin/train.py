@@ -22,12 +22,15 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import yaml
+from torch import nn
 
 from emulators.diffusion.checkpoint import STATIC_CHANNELS, save_checkpoint
+from emulators.diffusion.consistency import (ConsistencyPrecond, ascending_sigmas, distillation_loss,
+                                              one_step_sample, rollout_crps)
 from emulators.diffusion.edm import EDMConfig, Precond, edm_loss
 from emulators.diffusion.emulator import static_fields
 from emulators.diffusion.network import NetworkConfig, UNetLite, parameter_count
@@ -83,6 +86,34 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    iterations: int = field(default=0, metadata={"min": 0, "help": "consistency-distillation steps (0: no single-step sampler)"})
+    batch_size: int = field(default=16, metadata={"min": 1, "help": "pairs per step"})
+    lr: float = field(default=1e-4, metadata={"gt": 0, "help": "peak learning rate (Adam)"})
+    warmup: int = field(default=50, metadata={"min": 0, "help": "linear warm-up iterations"})
+    steps: int = field(default=18, metadata={"min": 2, "help": "teacher discretisation N (Karras grid)"})
+    sigma_min: float = field(default=0.002, metadata={"gt": 0, "help": "smallest noise level"})
+    sigma_max: float = field(default=20.0, metadata={"gt": 0, "help": "noise level of the one-call sample"})
+    rho: float = field(default=7.0, metadata={"gt": 0, "help": "Karras grid exponent"})
+    ema: float = field(default=0.99, metadata={"min": 0, "max": 1, "help": "EMA decay of the shipped weights"})
+    checkpoint_every: int = field(default=100, metadata={"min": 1, "help": "iterations between resume points"})
+
+
+@dataclass(frozen=True)
+class CRPSConfig:
+    iterations: int = field(default=0, metadata={"min": 0, "help": "fine-tuning steps of the single-step sampler (0: none)"})
+    members: int = field(default=2, metadata={"min": 2, "help": "members per initial state"})
+    unroll: tuple[int, ...] = field(default=(1, 2, 4), metadata={
+        "help": "rollout lengths in emulator steps, one equal share of the iterations each, in order"})
+    rollout_pairs: int = field(default=8, metadata={"min": 1, "help": "initial states x rollout length per step"})
+    lr: float = field(default=3e-5, metadata={"gt": 0, "help": "peak learning rate (Adam)"})
+    warmup: int = field(default=20, metadata={"min": 0, "help": "linear warm-up iterations"})
+    ema: float = field(default=0.99, metadata={"min": 0, "max": 1, "help": "EMA decay of the shipped weights"})
+    checkpoint_every: int = field(default=100, metadata={"min": 1, "help": "iterations between resume points"})
+    validation_states: int = field(default=16, metadata={"min": 1, "help": "held-out 2-step rollouts scored"})
+
+
+@dataclass(frozen=True)
 class NetworkKeys:
     fold: int = field(default=2, metadata={"min": 1, "help": "pixel folding factor"})
     channels: tuple[int, ...] = field(default=(64, 128), metadata={"help": "channels per level"})
@@ -101,6 +132,8 @@ class TrainCase:
     network: NetworkKeys = NetworkKeys()
     edm: EDMConfig = EDMConfig()
     train: TrainConfig = TrainConfig()
+    distill: DistillConfig = DistillConfig()
+    crps: CRPSConfig = CRPSConfig()
     out: str = ""
 
 
@@ -140,6 +173,11 @@ def load_train_case(path: str | Path, overrides: tuple[str, ...] = ()) -> tuple[
                           f"unknown static channels {bad} (known: {', '.join(STATIC_CHANNELS)})")
     if len(cls.global_grid(truth_cfg).shape) != 2 or not hasattr(cls, "initial_state"):
         raise ConfigError(file, "truth.kind", f"{kind!r}: training needs a 2-D model with initial_state")
+    if case.crps.iterations and not case.distill.iterations:
+        raise ConfigError(file, "crps.iterations", "CRPS fine-tuning needs the distilled sampler (distill.iterations > 0)")
+    if not case.crps.unroll or min(case.crps.unroll) < 1 or max(case.crps.unroll) >= case.data.samples:
+        raise ConfigError(file, "crps.unroll", f"rollout lengths must be between 1 and data.samples - 1 "
+                          f"(got {list(case.crps.unroll)})")
     try:
         network_config(case, 2)
     except ValueError as e:
@@ -219,10 +257,10 @@ def statistics(train: torch.Tensor) -> dict[str, tuple[float, ...]]:
 # ---------------------------------------------------------------- training
 
 
-def _lr(t: TrainConfig, it: int) -> float:
-    warm = min(1.0, (it + 1) / t.warmup) if t.warmup else 1.0
-    f = t.final_lr_fraction
-    return t.lr * warm * (f + (1 - f) * 0.5 * (1 + math.cos(math.pi * min(it / t.iterations, 1.0))))
+def _lr(peak: float, warmup: int, iterations: int, floor: float, it: int) -> float:
+    """Linear warm-up, then cosine decay from `peak` to `floor` · peak at `iterations`."""
+    warm = min(1.0, (it + 1) / warmup) if warmup else 1.0
+    return peak * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(it / iterations, 1.0))))
 
 
 def _periodic(x: torch.Tensor, h: int) -> torch.Tensor:
@@ -230,26 +268,47 @@ def _periodic(x: torch.Tensor, h: int) -> torch.Tensor:
 
 
 class _Pairs:
-    """Standardised pairs: condition x_t and target increment, drawn by a generator."""
+    """Standardised pairs (condition x_t, target increment) and true rollouts, drawn by a generator."""
 
     def __init__(self, data: torch.Tensor, stats: dict, static: torch.Tensor, halo: int) -> None:
         view = (1, 1, -1, 1, 1)
-        mean, std = (torch.tensor(stats[k]).float().view(view) for k in ("state_mean", "state_std"))
-        imean, istd = (torch.tensor(stats[k]).float().view(view) for k in ("inc_mean", "inc_std"))
-        self.state = (data[:, :-1] - mean) / std
-        self.inc = (data[:, 1:] - data[:, :-1] - imean) / istd
+        self.mean, self.std, self.inc_mean, self.inc_std = (
+            torch.tensor(stats[k]).float().view(view)[0] for k in ("state_mean", "state_std", "inc_mean", "inc_std"))
+        self.data = data
+        self.state = (data[:, :-1] - self.mean) / self.std
+        self.inc = (data[:, 1:] - data[:, :-1] - self.inc_mean) / self.inc_std
         self.count = self.state.shape[0] * self.state.shape[1]
         self.static, self.halo = static, halo
+
+    def condition(self, standardised: torch.Tensor) -> torch.Tensor:
+        """The network's condition: the halo-padded standardised state and the static channels."""
+        b = standardised.shape[0]
+        return torch.cat([_periodic(standardised, self.halo), self.static.expand(b, *self.static.shape)], dim=1)
 
     def batch(self, index: torch.Tensor, shifts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         per = self.state.shape[1]
         cond, target = self.state[index // per, index % per], self.inc[index // per, index % per]
         if shifts is not None:
-            cond = torch.stack([c.roll(int(s), -1) for c, s in zip(cond, shifts)])
-            target = torch.stack([c.roll(int(s), -1) for c, s in zip(target, shifts)])
-        b = cond.shape[0]
-        cond = torch.cat([_periodic(cond, self.halo), self.static.expand(b, *self.static.shape)], dim=1)
-        return target, cond
+            cond, target = _shift(cond, shifts), _shift(target, shifts)
+        return target, self.condition(cond)
+
+    def rollout_count(self, steps: int) -> int:
+        return self.data.shape[0] * (self.data.shape[1] - steps)
+
+    def rollout(self, index: torch.Tensor, steps: int, shifts: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """True states (B, C, y, x) at the starts and (steps, B, C, y, x) after 1..steps emulator steps."""
+        per = self.data.shape[1] - steps
+        run, first = index // per, index % per
+        seq = torch.stack([self.data[run, first + k] for k in range(steps + 1)])
+        if shifts is not None:
+            seq = torch.stack([_shift(s, shifts) for s in seq])
+        return seq[0], seq[1:]
+
+
+def _shift(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Roll sample b of x (B, ...) by shifts[b] along the last axis."""
+    return torch.stack([c.roll(int(s), -1) for c, s in zip(x, shifts)])
 
 
 def _validation_loss(model: Precond, pairs: _Pairs, case: TrainCase) -> float:
@@ -265,20 +324,26 @@ def _validation_loss(model: Precond, pairs: _Pairs, case: TrainCase) -> float:
     return total / n
 
 
-def _plot_losses(history: list[dict], path: Path) -> None:
+def _plot_losses(histories: dict[str, list[dict]], path: Path) -> None:
+    """One panel per training stage: training loss and validation score against iteration."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    its = [h["iteration"] for h in history]
-    ax.plot(its, [h["loss"] for h in history], label="training (mean since last point)")
-    ax.plot(its, [h["validation"] for h in history], label="validation (EMA weights)")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("EDM loss")
-    ax.set_yscale("log")
-    ax.legend()
+    labels = {"teacher": "EDM loss", "distill": "consistency-distillation loss", "crps": "fair CRPS (std units)"}
+    stages = [k for k in labels if histories.get(k)]
+    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        history = histories[stage]
+        its = [h["iteration"] for h in history]
+        ax.plot(its, [h["loss"] for h in history], label="training (mean since last point)")
+        ax.plot(its, [h["validation"] for h in history], label="validation (EMA weights)")
+        ax.set_title(stage)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(labels[stage])
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -290,14 +355,179 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+@dataclass(frozen=True)
+class _Stage:
+    """One resumable optimisation stage: where it saves, what it must match, how long, how fast."""
+
+    name: str
+    state_file: Path
+    digest: str
+    iterations: int
+    checkpoint_every: int
+    lr: Callable[[int], float]
+    ema: Callable[[int], float]
+    grad_clip: float = 1.0
+
+
+def _run_stage(stage: _Stage, live: nn.Module, ema: nn.Module, loss_fn: Callable[[int], torch.Tensor],
+               validate: Callable[[], float], gen: torch.Generator, resume: bool, case_file: str,
+               quiet: bool) -> tuple[list[dict], float]:
+    """Adam on `live` with an EMA copy in `ema`; resumes from, and writes, `stage.state_file`.
+    Returns the history ({iteration, loss, validation} at each resume point) and the wall time."""
+    from tqdm import tqdm
+
+    opt = torch.optim.Adam(live.parameters(), lr=stage.lr(0))
+    start, history, wall = 0, [], 0.0
+    if resume and stage.state_file.is_file():
+        st = torch.load(stage.state_file, weights_only=True)
+        if st.get("digest") != stage.digest:
+            raise ConfigError(case_file, "", f"{stage.state_file} belongs to a different training set-up "
+                              "(resume=False / --restart to start afresh, or another output folder)")
+        live.load_state_dict(st["net"])
+        ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["opt"])
+        gen.set_state(st["gen"])
+        start, history, wall = int(st["iteration"]), list(st["history"]), float(st["wall"])
+    t0, running = time.perf_counter(), []
+    bar = tqdm(total=stage.iterations, initial=start, desc=stage.name, unit="it", disable=quiet)
+    for it in range(start, stage.iterations):
+        for group in opt.param_groups:
+            group["lr"] = stage.lr(it)
+        loss = loss_fn(it)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(live.parameters(), stage.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), live.parameters()):
+                pe.lerp_(p, 1 - stage.ema(it))
+        running.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(running) / len(running):.4g}")
+        done = it + 1
+        if done % stage.checkpoint_every == 0 or done == stage.iterations:
+            history.append({"iteration": done, "loss": sum(running) / len(running), "validation": validate()})
+            running = []
+            _atomic_save({"digest": stage.digest, "iteration": done, "net": live.state_dict(),
+                          "ema": ema.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                          "history": history, "wall": wall + time.perf_counter() - t0}, stage.state_file)
+    bar.close()
+    return history, wall + time.perf_counter() - t0
+
+
+def _teacher_stage(case: TrainCase, folder: Path, data_key: str, net: nn.Module, model: Precond, ema: Precond,
+                   train_pairs: _Pairs, val_pairs: _Pairs, width: int, resume: bool, file: str,
+                   quiet: bool) -> tuple[list[dict], float, str]:
+    """The EDM denoiser (the multi-step sampler's network). Returns history, wall time, digest."""
+    t = case.train
+    gen = torch.Generator().manual_seed(t.seed + 1)
+    digest = _digest({"data": data_key, "network": dataclasses.asdict(case.network),
+                      "edm": dataclasses.asdict(case.edm),
+                      "train": {k: v for k, v in dataclasses.asdict(t).items()
+                                if k not in ("iterations", "checkpoint_every", "threads", "validation_pairs")}})
+    shift = t.shift_x and not any(s.endswith("_x") for s in case.network.static)
+
+    def loss(it: int) -> torch.Tensor:
+        index = torch.randint(train_pairs.count, (t.batch_size,), generator=gen)
+        shifts = torch.randint(width, (t.batch_size,), generator=gen) if shift else None
+        target, cond = train_pairs.batch(index, shifts)
+        return edm_loss(model, target, cond, _periodic, case.edm, gen)
+
+    stage = _Stage(f"train {case.name}", folder / "train_state.pt", digest, t.iterations, t.checkpoint_every,
+                   lambda it: _lr(t.lr, t.warmup, t.iterations, t.final_lr_fraction, it),
+                   lambda it: min(t.ema, (1 + it) / (10 + it)), t.grad_clip)
+    history, wall = _run_stage(stage, net, ema, loss, lambda: _validation_loss(ema, val_pairs, case), gen,
+                               resume, file, quiet)
+    return history, wall, digest
+
+
+def _distill_stage(case: TrainCase, folder: Path, teacher: Precond, teacher_key: str, train_pairs: _Pairs,
+                   val_pairs: _Pairs, width: int, resume: bool, file: str,
+                   quiet: bool) -> tuple[ConsistencyPrecond, list[dict], float, str]:
+    """Consistency distillation of the teacher: the single-step sampler's network (EMA weights)."""
+    d = case.distill
+    gen = torch.Generator().manual_seed(case.train.seed + 2)
+    digest = _digest({"teacher": teacher_key, "distill": {k: v for k, v in dataclasses.asdict(d).items()
+                                                          if k not in ("iterations", "checkpoint_every")}})
+    student = ConsistencyPrecond(copy.deepcopy(teacher.net).requires_grad_(True), teacher.sigma_data, d.sigma_min)
+    ema = copy.deepcopy(student).requires_grad_(False)
+    sigmas = ascending_sigmas(d.steps, d.sigma_min, d.sigma_max, d.rho)
+    shift = case.train.shift_x and not any(s.endswith("_x") for s in case.network.static)
+
+    def loss(it: int) -> torch.Tensor:
+        index = torch.randint(train_pairs.count, (d.batch_size,), generator=gen)
+        shifts = torch.randint(width, (d.batch_size,), generator=gen) if shift else None
+        target, cond = train_pairs.batch(index, shifts)
+        return distillation_loss(student, teacher, target, cond, _periodic, sigmas, gen)
+
+    def validate() -> float:
+        g = torch.Generator().manual_seed(case.train.seed + 7919)
+        index = torch.randperm(val_pairs.count, generator=g)[:min(case.train.validation_pairs, val_pairs.count)]
+        with torch.no_grad():
+            losses = [float(distillation_loss(ema, teacher, *val_pairs.batch(c), _periodic, sigmas, g)) * len(c)
+                      for c in index.split(16)]
+        return sum(losses) / len(index)
+
+    stage = _Stage("distill", folder / "distill_state.pt", digest, d.iterations, d.checkpoint_every,
+                   lambda it: _lr(d.lr, d.warmup, d.iterations, 0.1, it), lambda it: min(d.ema, (1 + it) / (10 + it)))
+    history, wall = _run_stage(stage, student.net, ema, loss, validate, gen, resume, file, quiet)
+    return ema, history, wall, digest
+
+
+def _crps_stage(case: TrainCase, folder: Path, distilled: ConsistencyPrecond, distill_key: str,
+                train_pairs: _Pairs, val_pairs: _Pairs, width: int, resume: bool, file: str,
+                quiet: bool) -> tuple[ConsistencyPrecond, list[dict], float]:
+    """Autoregressive fine-tuning of the single-step sampler with the fair CRPS over unrolled steps."""
+    c = case.crps
+    sigma_max = case.distill.sigma_max
+    gen = torch.Generator().manual_seed(case.train.seed + 3)
+    digest = _digest({"distill": distill_key, "crps": {k: v for k, v in dataclasses.asdict(c).items()
+                                                       if k not in ("iterations", "checkpoint_every")},
+                      "iterations": c.iterations})
+    live = copy.deepcopy(distilled).requires_grad_(True)
+    ema = copy.deepcopy(distilled).requires_grad_(False)
+    shift = case.train.shift_x and not any(s.endswith("_x") for s in case.network.static)
+    p = train_pairs
+
+    def stepper(model: ConsistencyPrecond) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        def step(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+            cond = p.condition((x - p.mean) / p.std)
+            return x + p.inc_mean + p.inc_std * one_step_sample(model, z, sigma_max, cond, _periodic)
+        return step
+
+    def loss(it: int) -> torch.Tensor:
+        phase = min(it * len(c.unroll) // c.iterations, len(c.unroll) - 1)
+        steps = c.unroll[phase]
+        b = max(1, c.rollout_pairs // steps)
+        index = torch.randint(p.rollout_count(steps), (b,), generator=gen)
+        shifts = torch.randint(width, (b,), generator=gen) if shift else None
+        start, truth = p.rollout(index, steps, shifts)
+        noise = lambda k: torch.randn((c.members * b, *start.shape[1:]), generator=gen)  # noqa: E731
+        return rollout_crps(stepper(live), start, truth, c.members, noise, p.std)
+
+    def validate() -> float:
+        g = torch.Generator().manual_seed(case.train.seed + 7919)
+        n = min(c.validation_states, val_pairs.rollout_count(2))
+        index = torch.randperm(val_pairs.rollout_count(2), generator=g)[:n]
+        start, truth = val_pairs.rollout(index, 2)
+        noise = lambda k: torch.randn((c.members * n, *start.shape[1:]), generator=g)  # noqa: E731
+        with torch.no_grad():
+            return float(rollout_crps(stepper(ema), start, truth, c.members, noise, p.std))
+
+    stage = _Stage("crps", folder / "crps_state.pt", digest, c.iterations, c.checkpoint_every,
+                   lambda it: _lr(c.lr, c.warmup, c.iterations, 0.1, it), lambda it: min(c.ema, (1 + it) / (10 + it)))
+    history, wall = _run_stage(stage, live.net, ema, loss, validate, gen, resume, file, quiet)
+    return ema, history, wall
+
+
 def train_from_case(path: str | Path, overrides: tuple[str, ...] | list[str] = (), out: str | Path | None = None,
                     resume: bool = True, quiet: bool = False) -> Path:
     """Train the emulator a training case describes; returns the path of the final checkpoint.
 
-    Resumes from `OUT/train_state.pt` when present and `resume` (the case must match it)."""
-    from tqdm import tqdm
-
+    Stages: the EDM teacher, then (when configured) consistency distillation and CRPS fine-tuning of
+    the single-step sampler. Each resumes from its `OUT/*_state.pt` when present and `resume`."""
     case, raw = load_train_case(path, tuple(overrides))
+    file = str(path)
     t = case.train
     torch.set_num_threads(t.threads)
     folder = Path(out or case.out or f"out/{case.name}")
@@ -326,71 +556,41 @@ def train_from_case(path: str | Path, overrides: tuple[str, ...] | list[str] = (
     train_pairs, val_pairs = _Pairs(data[:-nval], stats, static, h), _Pairs(data[-nval:], stats, static, h)
     model = Precond(net, case.edm.sigma_data)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=t.lr)
-    gen = torch.Generator().manual_seed(t.seed + 1)
-    run_key = _digest({"data": data_key, "network": dataclasses.asdict(case.network),
-                       "edm": dataclasses.asdict(case.edm),
-                       "train": {k: v for k, v in dataclasses.asdict(t).items()
-                                 if k not in ("iterations", "checkpoint_every", "threads", "validation_pairs")}})
-    state_file = folder / "train_state.pt"
-    start, history, wall = 0, [], 0.0
-    if resume and state_file.is_file():
-        st = torch.load(state_file, weights_only=True)
-        if st.get("digest") != run_key:
-            raise ConfigError(str(path), "", f"{state_file} belongs to a different training set-up "
-                              "(resume=False / --restart to start afresh, or another output folder)")
-        net.load_state_dict(st["net"])
-        ema.load_state_dict(st["ema"])
-        opt.load_state_dict(st["opt"])
-        gen.set_state(st["gen"])
-        start, history, wall = int(st["iteration"]), list(st["history"]), float(st["wall"])
-    shift = t.shift_x and not any(s.endswith("_x") for s in case.network.static)
-    t0, running = time.perf_counter(), []
-    bar = tqdm(total=t.iterations, initial=start, desc=f"train {case.name}", unit="it", disable=quiet)
-    for it in range(start, t.iterations):
-        for group in opt.param_groups:
-            group["lr"] = _lr(t, it)
-        index = torch.randint(train_pairs.count, (t.batch_size,), generator=gen)
-        shifts = torch.randint(grid.shape[1], (t.batch_size,), generator=gen) if shift else None
-        target, cond = train_pairs.batch(index, shifts)
-        loss = edm_loss(model, target, cond, _periodic, case.edm, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip)
-        opt.step()
-        decay = min(t.ema, (1 + it) / (10 + it))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(p, 1 - decay)
-        running.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(running) / len(running):.3f}")
-        done = it + 1
-        if done % t.checkpoint_every == 0 or done == t.iterations:
-            history.append({"iteration": done, "loss": sum(running) / len(running),
-                            "validation": _validation_loss(ema, val_pairs, case)})
-            running = []
-            elapsed = wall + time.perf_counter() - t0
-            _atomic_save({"digest": run_key, "iteration": done, "net": net.state_dict(), "ema": ema.state_dict(),
-                          "opt": opt.state_dict(), "gen": gen.get_state(), "history": history, "wall": elapsed},
-                         state_file)
-    bar.close()
-    wall += time.perf_counter() - t0
-    if start >= t.iterations and not history:
-        raise ConfigError(str(path), "train.iterations", "nothing to do")
+    width = grid.shape[1]
+    histories: dict[str, list[dict]] = {}
+    walls: dict[str, float] = {}
+    histories["teacher"], walls["teacher"], key = _teacher_stage(case, folder, data_key, net, model, ema, train_pairs,
+                                                                 val_pairs, width, resume, file, quiet)
+    if not histories["teacher"]:
+        raise ConfigError(file, "train.iterations", "nothing to do")
+    single = None
+    if case.distill.iterations:
+        single, histories["distill"], walls["distill"], key = _distill_stage(
+            case, folder, ema, key, train_pairs, val_pairs, width, resume, file, quiet)
+        if case.crps.iterations:
+            single, histories["crps"], walls["crps"] = _crps_stage(case, folder, single, key, train_pairs, val_pairs,
+                                                                   width, resume, file, quiet)
     variables = tuple((v.name, v.units, v.long_name) for v in cls.variables)
-    final = history[-1] if history else {}
-    training = {"case": case.name, "iterations": t.iterations, "final_loss": final.get("loss"),
-                "final_validation_loss": final.get("validation"), "wall_seconds": round(wall, 1),
+    final = histories["teacher"][-1]
+    training = {"case": case.name, "iterations": t.iterations, "final_loss": final["loss"],
+                "final_validation_loss": final["validation"], "wall_seconds": round(sum(walls.values()), 1),
+                "stage_wall_seconds": {k: round(v, 1) for k, v in walls.items()},
                 "parameters": parameter_count(net), "truth_model": kind, "seed": t.seed}
+    single_step = None
+    if single is not None:
+        last = histories.get("crps") or histories["distill"]
+        single_step = {"state_dict": single.net.state_dict(), "sigma_min": case.distill.sigma_min,
+                       "sigma_max": case.distill.sigma_max,
+                       "training": {"distill_iterations": case.distill.iterations,
+                                    "crps_iterations": case.crps.iterations, "final_validation": last[-1]["validation"]}}
     ckpt = save_checkpoint(folder / "checkpoint.pt", network_config=net_cfg, state_dict=ema.net.state_dict(),
                            sigma_data=case.edm.sigma_data, variables=variables, grid_shape=grid.shape,
                            periodic=grid.periodic, static=case.network.static,
-                           dt_seconds=duration_seconds(case.data.step, "", ""), stats=stats, training=training)
+                           dt_seconds=duration_seconds(case.data.step, "", ""), stats=stats, training=training,
+                           single_step=single_step)
     info = {"checkpoint": ckpt.name, "case": raw, "network": net_cfg.to_dict(), "receptive_halo": h,
             "alignment": net.alignment, "dt_seconds": duration_seconds(case.data.step, "", ""), "stats": stats,
-            "training": training, "history": history}
+            "training": training, "history": histories}
     (folder / "config.yaml").write_text(yaml.safe_dump(info, sort_keys=False), encoding="utf-8")
-    if history:
-        _plot_losses(history, folder / "loss.png")
+    _plot_losses(histories, folder / "loss.png")
     return ckpt

@@ -47,10 +47,22 @@ class Checkpoint:
     stats: dict[str, tuple[float, ...]]
     version: str
     training: dict
+    single_step: dict | None = None  # {state_dict, sigma_min, sigma_max, training} of the consistency network
 
     def build_network(self) -> UNetLite:
+        """The EDM denoiser's network (the multi-step sampler's)."""
+        return self._build(self.state_dict)
+
+    def build_single_step_network(self) -> UNetLite:
+        """The consistency network of the single-step sampler; `CheckpointMismatch` if none was trained."""
+        if self.single_step is None:
+            raise CheckpointMismatch(f"{self.path}: this checkpoint has no single-step sampler (train it with "
+                                     "distill.iterations > 0, or use sampler: heun)")
+        return self._build(self.single_step["state_dict"])
+
+    def _build(self, state_dict: dict[str, torch.Tensor]) -> UNetLite:
         net = UNetLite(self.network_config)
-        net.load_state_dict(self.state_dict)
+        net.load_state_dict(state_dict)
         return net.eval().requires_grad_(False)
 
 
@@ -66,8 +78,10 @@ def resolve(path: str | os.PathLike) -> Path:
 def save_checkpoint(path: str | os.PathLike, *, network_config: NetworkConfig, state_dict: dict, sigma_data: float,
                     variables: tuple[tuple[str, str, str], ...], grid_shape: tuple[int, ...],
                     periodic: tuple[bool, ...], static: tuple[str, ...], dt_seconds: float,
-                    stats: dict[str, tuple[float, ...]], training: dict | None = None) -> Path:
-    """Write a checkpoint atomically (temporary file + rename); returns the path."""
+                    stats: dict[str, tuple[float, ...]], training: dict | None = None,
+                    single_step: dict | None = None) -> Path:
+    """Write a checkpoint atomically (temporary file + rename); returns the path. `single_step`:
+    {state_dict, sigma_min, sigma_max, training} of the consistency network, when one was trained."""
     payload = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "earthtwin_version": _version(),
         "network": network_config.to_dict(),
@@ -77,6 +91,11 @@ def save_checkpoint(path: str | os.PathLike, *, network_config: NetworkConfig, s
         "static": list(static), "dt_seconds": float(dt_seconds),
         "stats": {k: [float(v) for v in stats[k]] for k in _STAT_KEYS}, "training": dict(training or {}),
     }
+    if single_step is not None:
+        payload["single_step"] = {
+            "state_dict": {k: v.detach().to("cpu", torch.float32).clone() for k, v in single_step["state_dict"].items()},
+            "sigma_min": float(single_step["sigma_min"]), "sigma_max": float(single_step["sigma_max"]),
+            "training": dict(single_step.get("training", {}))}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -133,19 +152,33 @@ def _load_cached(path: str, mtime_ns: int, size: int) -> Checkpoint:
     _check(net_cfg.in_channels == 2 * nvar + len(static) and net_cfg.out_channels == nvar, p,
            f"network channels ({net_cfg.in_channels} in, {net_cfg.out_channels} out) do not fit {nvar} variables "
            f"and {len(static)} static channels")
-    net = UNetLite(net_cfg)
-    try:
-        result = net.load_state_dict(raw["state_dict"], strict=False)
-    except RuntimeError as e:  # tensor shapes that differ from the architecture's
-        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
-        what = lines[0] if lines else "tensor shapes"
-        raise CheckpointMismatch(f"{p}: weights do not fit the architecture ({what})") from None
-    bad = [f"missing {k}" for k in result.missing_keys] + [f"unexpected {k}" for k in result.unexpected_keys]
-    _check(not bad, p, f"weights do not fit the architecture ({'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})")
+    _check_weights(p, net_cfg, raw["state_dict"], "weights")
+    single = raw.get("single_step")
+    if single is not None:
+        _check(isinstance(single, dict) and {"state_dict", "sigma_min", "sigma_max"} <= set(single), p,
+               "malformed single-step sampler entry")
+        _check(0 < float(single["sigma_min"]) < float(single["sigma_max"]), p,
+               "single-step sampler needs 0 < sigma_min < sigma_max")
+        _check_weights(p, net_cfg, single["state_dict"], "single-step weights")
+        single = {**single, "sigma_min": float(single["sigma_min"]), "sigma_max": float(single["sigma_max"])}
     dt = float(raw["dt_seconds"])
     _check(math.isfinite(dt) and dt > 0, p, f"emulator step {dt} s must be positive")
     return Checkpoint(str(p), net_cfg, dict(raw["state_dict"]), float(raw["sigma_data"]), variables, shape, periodic,
-                      static, dt, stats, str(raw.get("earthtwin_version", "unknown")), dict(raw.get("training", {})))
+                      static, dt, stats, str(raw.get("earthtwin_version", "unknown")), dict(raw.get("training", {})),
+                      single)
+
+
+def _check_weights(p: Path, net_cfg: NetworkConfig, state_dict: Any, what: str) -> None:
+    """The state dict loads into the architecture exactly (no missing, unexpected or misshapen tensors)."""
+    net = UNetLite(net_cfg)
+    try:
+        result = net.load_state_dict(state_dict, strict=False)
+    except (RuntimeError, TypeError, AttributeError) as e:  # misshapen tensors, or not a mapping of tensors
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        detail = lines[0] if lines else "tensor shapes"
+        raise CheckpointMismatch(f"{p}: {what} do not fit the architecture ({detail})") from None
+    bad = [f"missing {k}" for k in result.missing_keys] + [f"unexpected {k}" for k in result.unexpected_keys]
+    _check(not bad, p, f"{what} do not fit the architecture ({'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})")
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:

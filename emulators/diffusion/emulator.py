@@ -1,8 +1,9 @@
 """`DiffusionEmulator` (`kind: diffusion`): a learned forecast model that samples the next state.
 
 One step of Δ seconds (the checkpoint's `dt_seconds`): standardise the state per variable, sample the
-standardised Δ-increment from the EDM denoiser conditioned on the standardised state (and static
-channels), then x(t + Δ) = x(t) + inc_mean + inc_std · increment. Predicting the increment rather than
+standardised Δ-increment conditioned on the standardised state (and static channels) — by the EDM
+stochastic Heun sampler (`heun`, 2N − 1 denoiser calls) or by one call of the distilled, CRPS-tuned
+consistency network (`single_step`, f(σ_max z, σ_max)) — then x(t + Δ) = x(t) + inc_mean + inc_std · increment. Predicting the increment rather than
 the state keeps the target small and near σ_d = 1, and makes persistence the zero of the network.
 
 Locality: the network consumes a halo of `receptive_halo` points and needs tiles aligned to
@@ -25,12 +26,13 @@ import torch
 
 from emulators.base import Variable
 from emulators.diffusion.checkpoint import CheckpointMismatch, load_checkpoint
+from emulators.diffusion.consistency import ConsistencyPrecond
 from emulators.diffusion.edm import Precond, heun_sample
 from emulators.registry import register_model
 from twin.domain import Decomposition, Grid, SerialDomain
 from twin.random import Streams, fill_rows
 
-SAMPLERS = ("heun",)
+SAMPLERS = ("heun", "single_step")
 
 
 def static_fields(names: tuple[str, ...], shape: tuple[int, int], y_range: tuple[int, int],
@@ -56,8 +58,10 @@ class DiffusionEmulator:
     class Config:
         checkpoint: str = field(default="sqg_edm_v0.pt", metadata={
             "help": "checkpoint file (a bare name is also looked up in emulators/weights/)"})
-        sampler: str = field(default="heun", metadata={"help": "sampler: heun (single_step: not yet)"})
-        steps: int = field(default=18, metadata={"min": 1, "help": "sampler steps N (Heun: 2N - 1 network calls)"})
+        sampler: str = field(default="heun", metadata={
+            "help": "heun: EDM stochastic Heun, 2N - 1 network calls; single_step: the distilled, CRPS-tuned "
+                    "consistency sampler, one call"})
+        steps: int = field(default=18, metadata={"min": 1, "help": "Heun steps N (single_step ignores it)"})
         sigma_min: float = field(default=0.002, metadata={"gt": 0, "help": "smallest noise level"})
         sigma_max: float = field(default=20.0, metadata={"gt": 0, "help": "largest noise level (standardised units)"})
         rho: float = field(default=7.0, metadata={"gt": 0, "help": "schedule exponent"})
@@ -75,7 +79,11 @@ class DiffusionEmulator:
         self.config, self.domain, self.grid, self.dtype, self.ckpt = config, domain, domain.grid, dtype, ckpt
         self.dt = ckpt.dt_seconds
         self.variables = tuple(Variable(*v) for v in ckpt.variables)
-        self.model = Precond(ckpt.build_network().to(dtype), ckpt.sigma_data)
+        if config.sampler == "single_step":
+            self.model = ConsistencyPrecond(ckpt.build_single_step_network().to(dtype), ckpt.sigma_data,
+                                            ckpt.single_step["sigma_min"])
+        else:
+            self.model = Precond(ckpt.build_network().to(dtype), ckpt.sigma_data)
         self.receptive_halo = self.model.net.receptive_halo
         self.alignment = self.model.net.alignment
         self.streams = Streams(config.seed)
@@ -96,9 +104,10 @@ class DiffusionEmulator:
     def validate(config: "DiffusionEmulator.Config") -> None:
         """Checks that need no domain: the sampler kind and that the checkpoint loads."""
         if config.sampler not in SAMPLERS:
-            raise ValueError(f"sampler {config.sampler!r} is not available (one of: {', '.join(SAMPLERS)}; "
-                             f"the single-step consistency sampler comes later)")
-        load_checkpoint(config.checkpoint)
+            raise ValueError(f"sampler {config.sampler!r} is not available (one of: {', '.join(SAMPLERS)})")
+        ckpt = load_checkpoint(config.checkpoint)
+        if config.sampler == "single_step":
+            ckpt.build_single_step_network()
 
     @staticmethod
     def global_grid(config: "DiffusionEmulator.Config") -> Grid:
@@ -159,8 +168,13 @@ class DiffusionEmulator:
             return self.model(z, s, cond, pad)[(..., *keep)]
 
         c = self.config
-        inc = heun_sample(denoise, self._noise_fn(key, members, domain), steps=c.steps, sigma_min=c.sigma_min,
-                          sigma_max=c.sigma_max, rho=c.rho, churn=c.churn)
+        noise = self._noise_fn(key, members, domain)
+        if c.sampler == "single_step":
+            sigma_max = self.ckpt.single_step["sigma_max"]
+            inc = denoise(noise(0) * sigma_max, sigma_max)
+        else:
+            inc = heun_sample(denoise, noise, steps=c.steps, sigma_min=c.sigma_min, sigma_max=c.sigma_max,
+                              rho=c.rho, churn=c.churn)
         return x + self.inc_mean + self.inc_std * inc
 
     def _noise_fn(self, key: int, members: int, domain: Decomposition) -> Callable[[int], torch.Tensor]:

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from emulators.diffusion.consistency import fair_crps_loss
 from emulators.diffusion.emulator import DiffusionEmulator
 from emulators.registry import model_registry
 from twin.domain import SerialDomain
@@ -45,14 +46,6 @@ def _steps(model: object, x: torch.Tensor, n: int) -> torch.Tensor:
     return x
 
 
-def fair_crps(ens: torch.Tensor, truth: torch.Tensor) -> float:
-    """Fair CRPS averaged over points: ens (M, ...), truth (...)."""
-    m = ens.shape[0]
-    skill = (ens - truth).abs().mean(0)
-    pair = (ens[:, None] - ens[None, :]).abs().sum((0, 1)) / (2 * m * (m - 1))
-    return float((skill - pair).mean())
-
-
 def ensemble_skill(emulator: DiffusionEmulator, truth: torch.Tensor, members: int, leads: int,
                    init_stride: int = 1) -> list[dict]:
     """Scores per lead (1..leads) averaged over runs and initial times i = 0, stride, ... of `truth`."""
@@ -69,7 +62,7 @@ def ensemble_skill(emulator: DiffusionEmulator, truth: torch.Tensor, members: in
                 a["mse"] += float((ens.mean(0) - y).square().mean())
                 a["mse_persistence"] += float((truth[r, i] - y).square().mean())
                 a["variance"] += float(ens.var(0).mean())
-                a["crps"] += fair_crps(ens, y)
+                a["crps"] += float(fair_crps_loss(ens, y))
             n += 1
     out = []
     for k, a in enumerate(acc):

@@ -1,0 +1,155 @@
+"""The single-step sampler: consistency parametrisation, distillation against an exact teacher, the
+fair-CRPS rollout loss, checkpoints that carry it, the emulator using it, and the training stages."""
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from emulators.diffusion import CheckpointMismatch, load_checkpoint
+from emulators.diffusion.consistency import (ConsistencyPrecond, ascending_sigmas, distillation_loss,
+                                              fair_crps_loss, rollout_crps)
+from test_diffusion import TINY, make_emulator, periodic, random_net, train_case, write_checkpoint
+
+torch.set_num_threads(1)
+
+
+def test_consistency_function_is_the_identity_at_sigma_min():
+    net = random_net(TINY)
+    f = ConsistencyPrecond(net, 1.0, 0.002)
+    x = torch.randn(2, 2, 32, 32, dtype=torch.float64)
+    cond = periodic(torch.randn(2, 3, 32, 32, dtype=torch.float64), net.receptive_halo)
+    with torch.no_grad():
+        at_min = f(x, torch.full((2,), 0.002, dtype=torch.float64), cond, periodic)
+        above = f(x, torch.full((2,), 1.0, dtype=torch.float64), cond, periodic)
+    assert torch.equal(at_min, x)
+    assert float((above - x).abs().max()) > 0.1
+
+
+def exact_gaussian(scale: float):
+    """Teacher and consistency function of an unconditional N(0, scale²) target, as module-like callables."""
+    def teacher(x, sigma, cond, pad):
+        s2 = sigma.view(-1, *([1] * (x.dim() - 1))).square()
+        return scale**2 / (scale**2 + s2) * x
+
+    def consistency(x, sigma, cond, pad):
+        s2 = sigma.view(-1, *([1] * (x.dim() - 1))).square()
+        return x * scale / (scale**2 + s2).sqrt() * (scale**2 + 0.002**2) ** 0.5 / scale
+
+    return teacher, consistency
+
+
+@settings(max_examples=10, deadline=None)
+@given(scale=st.floats(0.3, 3.0), seed=st.integers(0, 1000))
+def test_distillation_loss_vanishes_for_the_exact_consistency_function(scale, seed):
+    """For a Gaussian target the probability-flow ODE is a rescaling: the exact consistency function's
+    loss is only the teacher's Heun error (small); the teacher's own denoiser is far from consistent."""
+    teacher, exact = exact_gaussian(scale)
+    sigmas = ascending_sigmas(18, 0.002, 20.0, 7.0)
+    target = torch.randn(64, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * scale
+    good = distillation_loss(exact, teacher, target, None, None, sigmas, torch.Generator().manual_seed(seed))
+    bad = distillation_loss(teacher, teacher, target, None, None, sigmas, torch.Generator().manual_seed(seed))
+    assert float(good) < 0.05 * float(bad)
+
+
+def test_fair_crps_loss_is_unbiased_for_two_members_and_differentiable():
+    g = torch.Generator().manual_seed(0)
+    members = torch.randn(2, 4000, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    truth = torch.randn(4000, 10, generator=g, dtype=torch.float64)
+    loss = fair_crps_loss(members, truth)
+    assert abs(float(loss.detach()) - 1 / torch.pi**0.5) < 0.01  # members and truth from one N(0,1): 1/√π
+    loss.backward()
+    assert members.grad is not None and torch.isfinite(members.grad).all()
+    point = torch.full((3, 5), 2.0, dtype=torch.float64)
+    assert float(fair_crps_loss(point[:, None].expand(3, 2, 5), torch.zeros(2, 5, dtype=torch.float64))) == 2.0
+
+
+def test_rollout_crps_scores_each_unrolled_step():
+    """A perfect deterministic stepper scores 0; one that drifts by d per step scores mean(k·d)/scale."""
+    start = torch.zeros(3, 2, 4, 4, dtype=torch.float64)
+    truth = torch.stack([start + k for k in (1, 2, 3)])
+    noise = lambda k: torch.zeros(6, 2, 4, 4, dtype=torch.float64)  # noqa: E731
+    assert float(rollout_crps(lambda x, z: x + 1, start, truth, 2, noise, torch.tensor(1.0))) == 0.0
+    drift = rollout_crps(lambda x, z: x + 1.5, start, truth, 2, noise, torch.tensor(2.0))
+    assert float(drift) == pytest.approx((0.5 + 1.0 + 1.5) / 3 / 2)
+
+
+def test_checkpoint_with_single_step_round_trips_and_is_checked(tmp_path):
+    other = random_net(TINY, torch.float32, seed=3).state_dict()
+    path = write_checkpoint(tmp_path / "c.pt", single_step={"state_dict": other, "sigma_min": 0.002,
+                                                            "sigma_max": 20.0, "training": {"note": "t"}})
+    ck = load_checkpoint(path)
+    assert ck.single_step["sigma_max"] == 20.0
+    net = ck.build_single_step_network()
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in other.items())
+    raw = torch.load(path, weights_only=True)
+    broken = {**raw, "single_step": {**raw["single_step"], "state_dict": {k: v for k, v in other.items()
+                                                                          if "head" not in k}}}
+    torch.save(broken, tmp_path / "broken.pt")
+    with pytest.raises(CheckpointMismatch, match="single-step weights do not fit"):
+        load_checkpoint(tmp_path / "broken.pt")
+    with pytest.raises(CheckpointMismatch, match="no single-step sampler"):
+        make_emulator(write_checkpoint(tmp_path / "plain.pt"), sampler="single_step")
+
+
+def test_single_step_emulator_is_deterministic_one_call_and_members_differ(tmp_path):
+    other = random_net(TINY, torch.float32, seed=3).state_dict()
+    path = write_checkpoint(tmp_path / "c.pt", single_step={"state_dict": {k: v * 0.3 for k, v in other.items()},
+                                                            "sigma_min": 0.002, "sigma_max": 20.0})
+    em = make_emulator(path, sampler="single_step")
+    calls = []
+    em.model.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(3, 2, 32, 32, dtype=torch.float64) * 10
+    a = em.step(x, 0.0)
+    assert len(calls) == 1 and torch.isfinite(a).all()
+    assert torch.equal(a, em.step(x, 0.0)) and not torch.equal(a, em.step(x, em.dt))
+    same = em.step(x[:1].expand(2, -1, -1, -1), 0.0)
+    assert float((same[0] - same[1]).abs().max()) > 1e-3
+    assert not torch.equal(a, make_emulator(path).step(x, 0.0))  # the Heun sampler uses the other network
+
+
+STAGES = ["--set", "distill.iterations=4", "--set", "distill.batch_size=2", "--set", "distill.checkpoint_every=2",
+          "--set", "distill.steps=4", "--set", "crps.iterations=4", "--set", "crps.unroll=[1,2]",
+          "--set", "crps.rollout_pairs=2", "--set", "crps.checkpoint_every=2", "--set", "crps.validation_states=2"]
+
+
+def overrides():
+    return tuple(STAGES[1::2])
+
+
+def test_training_stages_write_a_single_step_sampler_and_resume_exactly(tmp_path, monkeypatch):
+    import twin.train as train
+
+    straight = train.train_from_case(train_case(tmp_path), overrides(), out=tmp_path / "a", quiet=True)
+    ck = load_checkpoint(straight)
+    assert ck.single_step is not None and ck.training["stage_wall_seconds"].keys() == {"teacher", "distill", "crps"}
+    em = make_emulator(straight, sampler="single_step")
+    assert torch.isfinite(em.step(torch.randn(2, 2, 32, 32, dtype=torch.float64), 0.0)).all()
+    real_save = train._atomic_save
+
+    def crash_in_crps(obj, path):
+        real_save(obj, path)
+        if Path(path).name == "crps_state.pt":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_atomic_save", crash_in_crps)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_from_case(train_case(tmp_path), overrides(), out=tmp_path / "b", quiet=True)
+    monkeypatch.setattr(train, "_atomic_save", real_save)
+    resumed = load_checkpoint(train.train_from_case(train_case(tmp_path), overrides(), out=tmp_path / "b",
+                                                    quiet=True))
+    a, b = ck.single_step["state_dict"], resumed.single_step["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], ck.state_dict[k]) for k in a)  # distilled weights moved off the teacher's
+
+
+def test_crps_without_distillation_is_a_config_error(tmp_path):
+    from twin.config import ConfigError
+    from twin.train import load_train_case
+
+    with pytest.raises(ConfigError) as e:
+        load_train_case(train_case(tmp_path), ("crps.iterations=3",))
+    assert e.value.key == "crps.iterations"
+    with pytest.raises(ConfigError) as e:
+        load_train_case(train_case(tmp_path), ("distill.iterations=3", "crps.unroll=[1,9]"))
+    assert e.value.key == "crps.unroll"
