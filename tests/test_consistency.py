@@ -153,3 +153,20 @@ def test_crps_without_distillation_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_train_case(train_case(tmp_path), ("distill.iterations=3", "crps.unroll=[1,9]"))
     assert e.value.key == "crps.unroll"
+
+
+def test_skill_scores_against_direct_computation(tmp_path):
+    from emulators.diffusion.skill import ensemble_skill, free_rollout
+
+    em = make_emulator(write_checkpoint(tmp_path / "c.pt"), dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randn(1, 3, 2, 32, 32, generator=g) * 5
+    clim = torch.randn(4, 2, 32, 32, generator=g) * 5
+    rows = ensemble_skill(em, truth, members=3, leads=2, climatology=clim)
+    assert [r["forecasts"] for r in rows] == [1, 1] and rows[1]["lead_hours"] == 12.0
+    assert rows[1]["rmse_persistence"] == pytest.approx(float((truth[0, 0] - truth[0, 2]).square().mean().sqrt()))
+    assert rows[0]["crps_climatology"] == pytest.approx(float(fair_crps_loss(clim, truth[0, 1])), rel=1e-6)
+    ens = em.step(truth[0, 0].expand(3, -1, -1, -1).clone(), 0.0)
+    assert rows[0]["rmse"] == pytest.approx(float((ens.mean(0) - truth[0, 1]).square().mean().sqrt()), rel=1e-5)
+    roll = free_rollout(em, truth[0, 0], truth[0], steps=5)
+    assert roll["finite"] and len(roll["variance_ratio_per_variable"]) == 2 and roll["days"] == 1.25

@@ -22,7 +22,7 @@ BLOCK = 4096
 
 _STREAM_TAG = 0x4E53  # keeps `normal_stream` keys apart from the block streams' keys
 
-PURPOSES = ("truth", "init", "obs_noise", "obs_select", "filter", "sampler", "model", "test")
+PURPOSES = ("truth", "init", "obs_noise", "obs_select", "filter", "sampler", "model", "test", "repaint")  # append only
 
 
 def _key_int(seed: int, purpose: str, keys: tuple[int, ...]) -> int:

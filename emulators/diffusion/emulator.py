@@ -67,6 +67,8 @@ class DiffusionEmulator:
         rho: float = field(default=7.0, metadata={"gt": 0, "help": "schedule exponent"})
         churn: float = field(default=0.0, metadata={"min": 0, "help": "S_churn (γ = min(churn/N, √2 − 1))"})
         seed: int = field(default=0, metadata={"help": "seed of the sampler's noise streams"})
+        inpaint_levels: tuple[float, ...] = field(default=(20.0, 6.0, 2.0, 0.6, 0.15), metadata={
+            "help": "noise levels (decreasing) of learned inpainting: one network call each"})
 
     time_unit_seconds = 1.0
 
@@ -103,6 +105,9 @@ class DiffusionEmulator:
     @staticmethod
     def validate(config: "DiffusionEmulator.Config") -> None:
         """Checks that need no domain: the sampler kind and that the checkpoint loads."""
+        levels = config.inpaint_levels
+        if not levels or min(levels) <= 0 or any(a <= b for a, b in zip(levels, levels[1:])):
+            raise ValueError(f"inpaint_levels must be positive and decreasing (got {list(levels)})")
         if config.sampler not in SAMPLERS:
             raise ValueError(f"sampler {config.sampler!r} is not available (one of: {', '.join(SAMPLERS)})")
         ckpt = load_checkpoint(config.checkpoint)
@@ -177,14 +182,59 @@ class DiffusionEmulator:
                               rho=c.rho, churn=c.churn)
         return x + self.inc_mean + self.inc_std * inc
 
-    def _noise_fn(self, key: int, members: int, domain: Decomposition) -> Callable[[int], torch.Tensor]:
+    # ------------------------------------------------------------ learned inpainting
+
+    def inpainter(self, previous: torch.Tensor, t: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """A learned `Inpainter` for states one step Δ after `previous` (members' states at time t, the
+        input of the last forecast step): `fill(field, known)` keeps `field` (member, variable, *local)
+        where `known` (variable, *local) is True and fills the rest by RePaint-style sampling of the
+        step's increment with the known part held fixed: at each level σ_k of `inpaint_levels`,
+        predict the clean increment, overwrite its known part, re-noise to σ_{k+1}. Both levels of a
+        2-level state are filled coherently, including a level with no known point."""
+        key = int(round(t / self.dt))
+
+        def fill(field: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+            if self._gather:
+                parts = [self.domain.gather(v) for v in (previous, field, known[None].to(field.dtype))]
+                out = None if parts[0] is None else self._repaint(
+                    parts[0].to(self.dtype), parts[1].to(self.dtype), parts[2][0] > 0.5, self._serial,
+                    self._global, key)
+                return self.domain.scatter(out).to(field.dtype)
+            return self._repaint(previous.to(self.dtype), field.to(self.dtype), known, self.domain, self._local,
+                                 key).to(field.dtype)
+
+        return fill
+
+    @torch.no_grad()
+    def _repaint(self, previous: torch.Tensor, field: torch.Tensor, known: torch.Tensor, domain: Decomposition,
+                 plan: tuple, key: int) -> torch.Tensor:
+        width, read, keep, static = plan
+        members = previous.shape[0]
+
+        def pad(z: torch.Tensor, h: int = 0) -> torch.Tensor:
+            return domain.exchange_halo(z, width)[(..., *read)]
+
+        cond = torch.cat([pad((previous - self.mean) / self.std), static.expand(members, *static.shape)], dim=1)
+        target = (field - previous - self.inc_mean) / self.inc_std
+        levels = self.config.inpaint_levels
+        noise = self._noise_fn(key, members, domain, "repaint")
+        x = noise(0) * levels[0]
+        for k, sigma in enumerate(levels):
+            clean = self.model(x, torch.full((members,), sigma, dtype=self.dtype), cond, pad)[(..., *keep)]
+            clean = torch.where(known, target, clean)
+            if k + 1 < len(levels):
+                x = clean + levels[k + 1] * noise(k + 1)
+        return torch.where(known, field, previous + self.inc_mean + self.inc_std * clean)
+
+    def _noise_fn(self, key: int, members: int, domain: Decomposition,
+                  purpose: str = "sampler") -> Callable[[int], torch.Tensor]:
         """noise(k): standard normals (members, variables, *local) for sub-step k of step `key`."""
         nvar, size, nx = len(self.variables), self.grid.size, self.grid.shape[1]
         ys, xs = domain.local_slices
         ly, lx = ys.stop - ys.start, xs.stop - xs.start
 
         def noise(k: int) -> torch.Tensor:
-            streams = [self.streams.normal_stream("sampler", (key, k, m)) for m in range(members)]
+            streams = [self.streams.normal_stream(purpose, (key, k, m)) for m in range(members)]
             out = np.empty((nvar, members, ly, lx), dtype=np.float32)
             for v in range(nvar):
                 if lx == nx:  # whole rows: one contiguous run of positions per member
