@@ -10,7 +10,7 @@ r_max. With w_k(x) = exp(−|x − x_k|²/(2 r_k²)) and W(x) = max_k w_k(x) the
 The normalised weights are a softmax of the log-weights and W = exp(max log w), so far from every
 station (where all w_k underflow) the blend is exactly b and never 0/0. Grid × observation
 matrices are built in chunks of grid points. Distances come from the grid (periodic wrap, or
-great-circle km on an `assim.geo.GeoGrid`).
+great-circle km on the grids of `assim.geo`). Masked grid points (`Grid.mask`) are not blended.
 """
 from __future__ import annotations
 
@@ -348,11 +348,14 @@ class Blend:
             return ens
         terrain = self.terrain(grid)
         coords = grid.coordinates(f64)
-        points = coords[dom.local_flat_indices()]
+        valid = ctx.valid
+        idx = slice(None) if valid is None else valid.nonzero().flatten()  # masked points get no increment
+        points = coords[dom.local_flat_indices()][idx]
         ter = None if terrain is None else (terrain.reshape(-1), coords)
         n_members, n_vars = ens.shape[:2]
         flat = ens.reshape(n_members, n_vars, -1).to(f64)
-        mean = flat.mean(0)
+        sub = flat[:, :, idx]
+        mean = sub.mean(0)
         out = flat.clone()
         for v in torch.unique(data.variable).tolist():
             sel = data.variable == v
@@ -362,8 +365,8 @@ class Blend:
                 at = at.mean(0)
             misfit = data.values[sel] - at
             radii = dynamic_radii(data.locations[sel], misfit, params, grid.distance, ter)
-            field_ = flat[:, v] if self.config.apply_to == "members" else mean[v]
+            field_ = sub[:, v] if self.config.apply_to == "members" else mean[v]
             blended, mask = apply_blend(field_, points, data.locations[sel], misfit, radii, grid.distance)
-            out[:, v] = blended if self.config.apply_to == "members" else flat[:, v] + (blended - mean[v])
+            out[:, v, idx] = blended if self.config.apply_to == "members" else sub[:, v] + (blended - mean[v])
             self.diagnostics[int(v)] = (radii, mask)
         return out.reshape(ens.shape).to(ens.dtype)

@@ -24,7 +24,7 @@ from assim.letkf import letkf_analysis
 from assim.observations import ObservationBatch
 from assim.obsspace import gather_obs_space
 from assim.registry import register_stage
-from assim.stages import AnalysisContext
+from assim.stages import AnalysisContext, keep_masked
 from twin.random import BLOCK, Streams, generator
 
 VARIANTS = ("pertobs", "sqrt")
@@ -106,9 +106,10 @@ class Enkf:
         hx, y, error_std = space.hx, space.values, space.error_std
         if cfg.variant == "sqrt":
             precision = error_std.to(ens.dtype).square().reciprocal()[None]
-            return letkf_analysis(ens, hx, y, precision, inflation=cfg.inflation, rotation=rot,
-                                  rtps=cfg.rtps, rtpp=cfg.rtpp)
-        pert = observation_perturbations(ctx.streams, ctx.cycle, n_members, space.ids, error_std, ens.dtype)
-        analysis = pertobs_analysis(ens, hx, y, error_std, pert)
-        return post_process(analysis, ens, inflation=cfg.inflation, rotation=rot, rtpp=cfg.rtpp,
-                            rtps=cfg.rtps)
+            analysis = letkf_analysis(ens, hx, y, precision, inflation=cfg.inflation, rotation=rot,
+                                      rtps=cfg.rtps, rtpp=cfg.rtpp)
+        else:
+            pert = observation_perturbations(ctx.streams, ctx.cycle, n_members, space.ids, error_std, ens.dtype)
+            analysis = post_process(pertobs_analysis(ens, hx, y, error_std, pert), ens, inflation=cfg.inflation,
+                                    rotation=rot, rtpp=cfg.rtpp, rtps=cfg.rtps)
+        return keep_masked(ens, analysis, ctx)

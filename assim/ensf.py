@@ -19,10 +19,12 @@ positions k·n + i at the *global* flat index i of (variable, *grid): any rank c
 numbers. Unobserved points have L = 0: in the paired variant a particle there follows its own
 member's kernel alone and ends near x_i plus noise of variance about ε_β (SDE), with no information
 from observed neighbours (no cross-covariances); in the mixture variant only the whole-state weights
-move them. Filling them is a separate (inpainting) stage's job.
+move them. Filling them is a separate (inpainting) stage's job. Masked points (`Grid.mask`) carry
+the same fill in every member, so they add nothing to the mixture weights, and keep that fill.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Literal
@@ -30,11 +32,14 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
+from assim.inflation import relax_spread
 from assim.inpainting import classic_fill
 from assim.observations import ObservationBatch
+from assim.obsspace import observed_points
 from assim.operators import ArctanOperator, SubsetOperator
 from assim.registry import register_stage
-from assim.stages import AnalysisContext
+from assim.regression import regression_fill
+from assim.stages import AnalysisContext, keep_masked
 from twin.random import NormalStream, Streams, fill_rows
 
 ENSF_TAG = 0x456E5346  # "EnSF": keeps these "filter" draws apart from other filters' draws
@@ -264,6 +269,11 @@ def _check(cfg: "Ensf.Config") -> None:
             raise ValueError(f"ensf: {key} must be one of {', '.join(choices)}, got {value!r}")
     if cfg.score_clip is not None and not number("score_clip", cfg.score_clip) > 0:
         raise ValueError(f"ensf: score_clip must be > 0 or null, got {cfg.score_clip!r}")
+    if cfg.kernel == "spread" and cfg.likelihood_step != "implicit":
+        raise ValueError("ensf: kernel: spread needs likelihood_step: implicit (in spread units the "
+                         "likelihood is stiff wherever σ_o is small against the prior spread)")
+    if cfg.unobserved == "regression" and cfg.localization_radius is None:
+        raise ValueError("ensf: unobserved: regression needs localization_radius")
 
 
 @register_stage("ensf")
@@ -290,10 +300,20 @@ class Ensf:
             "help": "explicit (the authors') or implicit: c L/(1 + c h'^2/σ²) after the rest (stiff-safe)"})
         start: Literal["standard", "kernel"] = field(default="standard", metadata={
             "help": "z_1 ~ N(0, I) (the authors') or the forward kernel N(α_1 x_i, β_1² I)"})
-        unobserved: Literal["keep", "harmonic", "biharmonic"] = field(default="keep", metadata={
+        unobserved: Literal["keep", "harmonic", "biharmonic", "regression"] = field(default="keep", metadata={
             "help": "points without observations: keep the EnSF result, or fill the increment there by "
                     "harmonic/biharmonic inpainting of the observed increments (variables with no "
-                    "observations keep the prior)"})
+                    "observations keep the prior), or by the prior ensemble's localised regression of them "
+                    "(needs localization_radius; updates unobserved variables too)"})
+        kernel: Literal["absolute", "spread"] = field(default="absolute", metadata={
+            "help": "absolute: eps_beta in state units squared (the authors'); spread: run in units of each "
+                    "point's prior ensemble spread, so eps_beta is the share of the prior variance a particle's "
+                    "kernel keeps and the pointwise gain is about eps_beta s²/(eps_beta s² + σ_o²) "
+                    "(observations of state values only)"})
+        rtps: float = field(default=0.0, metadata={
+            "min": 0.0, "max": 1.0, "help": "relax the analysis spread towards the prior's, pointwise (RTPS)"})
+        localization_radius: float | None = field(default=None, metadata={
+            "gt": 0.0, "help": "unobserved: regression: distance where the Gaspari-Cohn taper is exp(-1/2)"})
         chunk_size: int | None = field(default=None, metadata={
             "help": "state points per chunk of the fast path (null: about 262144 values / members)"})
 
@@ -305,6 +325,28 @@ class Ensf:
         self.fast_kernels = True  # False: the whole-tensor torch path with autograd everywhere (checks)
 
     def __call__(self, ens: torch.Tensor, obs: ObservationBatch, ctx: AnalysisContext) -> torch.Tensor:
+        cfg = self.config
+        if cfg.kernel == "spread":
+            if not isinstance(obs.operator, SubsetOperator) or isinstance(obs.operator, ArctanOperator):
+                raise ValueError("ensf: kernel: spread needs observations of state values (identity or subset)")
+            mean = ens.mean(0, keepdim=True)
+            spread = ens.std(0, keepdim=True).clamp_min(torch.finfo(ens.dtype).tiny ** 0.5)
+            sel_mean, sel_spread = obs.operator.select(mean)[0], obs.operator.select(spread)[0]
+            scaled = dataclasses.replace(obs, values=(obs.values - sel_mean) / sel_spread,
+                                         error_std=obs.error_std / sel_spread)
+            analysis = mean + spread * self._analyse((ens - mean) / spread, scaled, ctx)
+        else:
+            analysis = self._analyse(ens, obs, ctx)
+        if cfg.unobserved == "regression":
+            analysis = regression_fill(ens, analysis, obs, ctx, float(cfg.localization_radius))
+        elif cfg.unobserved != "keep":
+            analysis = fill_unobserved(ens, analysis, obs, ctx, cfg.unobserved)
+        if cfg.rtps:
+            analysis = relax_spread(ens, analysis, cfg.rtps)
+        return keep_masked(ens, analysis, ctx)  # masked points (no likelihood term) keep their fill
+
+    def _analyse(self, ens: torch.Tensor, obs: ObservationBatch, ctx: AnalysisContext) -> torch.Tensor:
+        """The reverse-SDE/ODE analysis of every point (unobserved points follow the prior score only)."""
         cfg = self.config
         shape, n_members = ens.shape, ens.shape[0]
         x = ens.detach().reshape(n_members, -1).contiguous()
@@ -335,10 +377,7 @@ class Ensf:
                     return lik.clamp_(-c * bound, c * bound) if bound is not None else lik
                 return (lik.clamp_(-bound, bound) if bound is not None else lik).mul_(c)
             self._run_generic(z, x, term if obs.size else None, noise, mix)
-        analysis = z.view(shape)
-        if cfg.unobserved != "keep":
-            analysis = fill_unobserved(ens, analysis, obs, ctx, cfg.unobserved)
-        return analysis
+        return z.view(shape)
 
     def _run_fast(self, z: torch.Tensor, x: torch.Tensor, dense: _Dense | None, noise: _Noise,
                   mix: "_Mixture | None") -> None:
@@ -425,11 +464,7 @@ def fill_unobserved(prior: torch.Tensor, analysis: torch.Tensor, obs: Observatio
     ones (Liang et al. 2025); a variable with no observation keeps the prior. The sparse solve is
     global: under MPI the increments are gathered to rank 0 and the result scattered."""
     grid, dom = ctx.grid, ctx.domain
-    parts = dom.allgather_object((obs.operator.variable.numpy(), obs.operator.point.numpy()))
-    variables = torch.from_numpy(np.concatenate([p[0] for p in parts])).long()
-    points = torch.from_numpy(np.concatenate([p[1] for p in parts])).long()
-    known = torch.zeros(prior.shape[1], grid.size, dtype=torch.bool)
-    known[variables, points] = True
+    known = observed_points(obs, dom, prior.shape[1], grid.size)
     increment = dom.gather(analysis - prior)
     if increment is not None:
         for v in range(increment.shape[1]):

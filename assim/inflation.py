@@ -155,6 +155,12 @@ def relax(posterior: torch.Tensor, prior: torch.Tensor, rtpp: float = 0.0, rtps:
     return posterior
 
 
+def relax_spread(prior: torch.Tensor, analysis: torch.Tensor, rtps: float) -> torch.Tensor:
+    """RTPS on full ensembles (member, ...): the analysis anomalies rescaled pointwise (mean kept)."""
+    mean = analysis.mean(0, keepdim=True)
+    return mean + relax(analysis - mean, prior - prior.mean(0, keepdim=True), rtps=rtps)
+
+
 def post_process(analysis: torch.Tensor, prior: torch.Tensor, *, inflation: float = 1.0,
                  rotation: torch.Tensor | None = None, rtpp: float = 0.0, rtps: float = 0.0) -> torch.Tensor:
     """RTPP, RTPS, inflation and rotation of an analysis ensemble (N, ...) given its prior (N, ...).

@@ -126,7 +126,8 @@ class Letkf:
 
     def precision(self, obs: ObservationBatch | ObsSpace, ctx: AnalysisContext, dtype: torch.dtype,
                   device: torch.device) -> torch.Tensor:
-        """Tapered R⁻¹ (G, p) or (1, p); reused while the grid, locations and errors are unchanged."""
+        """Tapered R⁻¹ (G, p) for this rank's G valid points, or (1, p); reused while the grid
+        (mask included), locations and errors are unchanged."""
         cache = self._cache
         if (cache is not None and cache[0] == ctx.grid and cache[1] is ctx.domain and cache[4] == dtype
                 and torch.equal(cache[2], obs.locations) and torch.equal(cache[3], obs.error_std)):
@@ -137,6 +138,8 @@ class Letkf:
             prec = inv_var[None].contiguous()
         else:
             points = ctx.grid.coordinates(torch.float64)[ctx.domain.local_flat_indices()]
+            if ctx.valid is not None:  # one row per valid point: masked points get no analysis
+                points = points[ctx.valid]
             taper = taper_matrix(ctx.grid, points, obs.locations, float(radius))
             prec = (taper.to(dtype=dtype, device=device) * inv_var).contiguous()
         self._cache = (ctx.grid, ctx.domain, obs.locations.clone(), obs.error_std.clone(), dtype, prec)
@@ -147,6 +150,13 @@ class Letkf:
         space = gather_obs_space(ens, obs, ctx.domain)
         prec = self.precision(space, ctx, ens.dtype, ens.device)
         rot = rotation_draw(ctx.streams.seed, ctx.cycle, ens.shape[0], ens.dtype) if cfg.rotation else None
-        return letkf_analysis(ens, space.hx, space.values, prec,
-                              prior_inflation=cfg.prior_inflation, inflation=cfg.inflation,
-                              rotation=rot, rtps=cfg.rtps, rtpp=cfg.rtpp)
+        valid = ctx.valid
+        state = ens if valid is None else ens.flatten(2)[:, :, valid]  # masked points: no analysis
+        analysis = letkf_analysis(state, space.hx, space.values, prec,
+                                  prior_inflation=cfg.prior_inflation, inflation=cfg.inflation,
+                                  rotation=rot, rtps=cfg.rtps, rtpp=cfg.rtpp)
+        if valid is None:
+            return analysis
+        out = ens.flatten(2).clone()
+        out[:, :, valid] = analysis
+        return out.view(ens.shape)

@@ -39,3 +39,16 @@ def gather_obs_space(ens: torch.Tensor, obs: ObservationBatch, domain: Decomposi
     return ObsSpace(torch.from_numpy(hx_all[:, order]).to(hx), torch.from_numpy(y[order]).to(obs.values),
                     torch.from_numpy(err[order]).to(obs.error_std), torch.from_numpy(loc[order]),
                     torch.from_numpy(ids[order]))
+
+
+def observed_points(obs: ObservationBatch, domain: Decomposition, n_variables: int, n_points: int) -> torch.Tensor:
+    """(variable, grid point) bool over the GLOBAL grid: True where any rank's observations sample
+    the state. Needs an operator on grid points (identity, subset, arctan)."""
+    op = obs.operator
+    if not hasattr(op, "point"):
+        raise ValueError("this stage needs observations on grid points (identity, subset or arctan operators)")
+    parts = domain.allgather_object((op.variable.numpy(), op.point.numpy()))
+    known = torch.zeros(n_variables, n_points, dtype=torch.bool)
+    known[torch.from_numpy(np.concatenate([p[0] for p in parts])).long(),
+          torch.from_numpy(np.concatenate([p[1] for p in parts])).long()] = True
+    return known

@@ -13,13 +13,15 @@ class SyntheticObserver:
     """Observes a truth state (variable, *grid) with operator `operator`, a fraction of the state
     chosen afresh each cycle (all of it when fraction is 1), and Gaussian error `error_std`.
 
-    Observation ids are global flat indices of (variable, *grid), ascending, so the noise stream of
+    `observable` (n_variables · grid.size bool, optional) restricts the candidates (some variables, a
+    region). Observation ids are global flat indices of (variable, *grid), ascending, so the noise stream of
     an observation depends only on (seed, cycle, id): the same numbers under any rank count. Under
     MPI each rank observes the points of its own subdomain (`truth` is the local state).
     """
 
     def __init__(self, grid: Grid, n_variables: int, operator: str, error_std: float, fraction: float,
-                 streams: Streams, dtype: torch.dtype, domain: Decomposition | None = None) -> None:
+                 streams: Streams, dtype: torch.dtype, domain: Decomposition | None = None,
+                 observable: torch.Tensor | None = None) -> None:
         self.grid = grid
         self.domain = domain
         self.n_state = n_variables * grid.size
@@ -28,14 +30,14 @@ class SyntheticObserver:
         self.fraction = fraction
         self.streams = streams
         self.dtype = dtype
-        self._candidates = torch.arange(self.n_state)
+        self._allowed = observable
         if domain is not None and domain.size > 1:
             local = torch.zeros(grid.size, dtype=torch.bool)
             local[domain.local_flat_indices()] = True
-            self._local = local.repeat(n_variables)
-            self._candidates = self._candidates[self._local]
-        else:
-            self._local = None
+            local = local.repeat(n_variables)
+            self._allowed = local if observable is None else local & observable
+        self._candidates = (torch.arange(self.n_state) if self._allowed is None else
+                            self._allowed.nonzero().flatten())
         self._fixed = self.operator_cls(grid, self._candidates, domain) if fraction >= 1.0 else None
         self._global = None
 
@@ -44,8 +46,8 @@ class SyntheticObserver:
         if self.fraction >= 1.0:
             return self._candidates
         keep = self.streams.uniform("obs_select", (cycle,), torch.arange(self.n_state)) < self.fraction
-        if self._local is not None:
-            keep &= self._local
+        if self._allowed is not None:
+            keep &= self._allowed
         return keep.nonzero().flatten()
 
     def global_operator(self, ids: torch.Tensor):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -33,3 +33,16 @@ class Model(Protocol):
     time_unit_seconds: float
 
     def step(self, ens: torch.Tensor, t: float) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class GridData:
+    """What a model that runs on the grid of the case's `initial:` file is built with.
+
+    Such a model class sets `data_grid = True` and takes `data=GridData(...)` as a keyword of its
+    constructor; `global_grid(config)` then only describes its grid without `initial:`.
+    """
+
+    variables: tuple[Variable, ...]
+    initial: torch.Tensor  # (variable, *local grid): the unperturbed initial field, 0 at masked points
+    read_field: Callable[[str], torch.Tensor]  # a CF file's variables on this grid (variable, *local grid)

@@ -11,9 +11,10 @@ import torch
 
 from emulators.diffusion import CheckpointMismatch, DiffusionEmulator, NetworkConfig, Precond, UNetLite
 from emulators.diffusion.checkpoint import WEIGHTS_DIR, load_checkpoint, save_checkpoint
+from emulators.diffusion.consistency import ConsistencyPrecond
 from emulators.diffusion.emulator import static_fields
 from twin.domain import SerialDomain, pad_halo
-from twin.export import ExportError, build_module, export_checkpoint
+from twin.export import DTYPES, ExportError, build_module, export_checkpoint
 
 torch.set_num_threads(1)
 TINY = NetworkConfig(in_channels=6, out_channels=2, fold=2, channels=(8, 16), blocks=(1, 2), up_blocks=1, embed=16)
@@ -35,41 +36,53 @@ torch.save(out, sys.argv[2])
 """
 
 
-def tiny_checkpoint(path: Path, shape: tuple[int, int] = (32, 32),
-                    periodic: tuple[bool, bool] = (True, True)) -> Path:
-    """A checkpoint with every weight random (the default init zeroes the head, so the output would be 0)."""
+def random_weights(seed: int) -> dict[str, torch.Tensor]:
+    """TINY's state dict with every weight random (the default init zeroes the head, so the output would be 0)."""
     net = UNetLite(TINY)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return save_checkpoint(path, network_config=TINY, state_dict=net.state_dict(), sigma_data=1.0,
+    return net.state_dict()
+
+
+def tiny_checkpoint(path: Path, shape: tuple[int, int] = (32, 32), periodic: tuple[bool, bool] = (True, True),
+                    single_step: bool = False) -> Path:
+    """A checkpoint with random weights; with `single_step`, also a random consistency network."""
+    single = {"state_dict": random_weights(1), "sigma_min": 0.002, "sigma_max": 20.0} if single_step else None
+    return save_checkpoint(path, network_config=TINY, state_dict=random_weights(0), sigma_data=1.0,
                            variables=(("a", "K", "field a"), ("b", "K", "field b")), grid_shape=shape,
                            periodic=periodic, static=("cos_y", "sin_y"), dt_seconds=21600.0,
                            stats={"state_mean": (1.0, -1.0), "state_std": (10.0, 8.0), "inc_mean": (0.0, 0.1),
-                                  "inc_std": (2.0, 3.0)})
+                                  "inc_std": (2.0, 3.0)}, single_step=single)
 
 
-def emulator(path: Path, **sampler) -> DiffusionEmulator:
+def emulator(path: Path, dtype: torch.dtype = torch.float32, **sampler) -> DiffusionEmulator:
     config = DiffusionEmulator.Config(checkpoint=str(path), seed=7, **sampler)
-    return DiffusionEmulator(config, SerialDomain(DiffusionEmulator.global_grid(config)), torch.float32)
+    return DiffusionEmulator(config, SerialDomain(DiffusionEmulator.global_grid(config)), dtype)
 
 
-def step_case(path: Path, members: int, **sampler) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+def step_case(path: Path, members: int, dtype: torch.dtype = torch.float32,
+              **sampler) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
     """((state, noise), DiffusionEmulator.step(state)) with the emulator's own noise for that step."""
-    emu = emulator(path, **sampler)
+    emu = emulator(path, dtype, **sampler)
     ny, nx = emu.grid.shape
-    state = torch.randn(members, 2, ny, nx, generator=torch.Generator().manual_seed(1)) * 12.0
+    state = (torch.randn(members, 2, ny, nx, generator=torch.Generator().manual_seed(1)) * 12.0).to(dtype)
     key = 4
     draw = emu._noise_fn(key, members, emu.domain)  # the very numbers `step` draws at t = key · Δ
-    noise = torch.stack([draw(k) for k in range(emu.config.steps + 1)])
+    draws = 1 if emu.config.sampler == "single_step" else emu.config.steps + 1
+    noise = torch.stack([draw(k) for k in range(draws)])
     return (state, noise), emu.step(state, key * emu.dt)
 
 
-def denoiser_case(path: Path) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-    """((x, sigma, cond), D) with D from `edm.Precond` on a periodically padded window."""
+def denoiser_case(path: Path, consistency: bool = False) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """((x, sigma, cond), D) with D from `edm.Precond` (or f from `ConsistencyPrecond`) on a periodically
+    padded window."""
     ck = load_checkpoint(path)
-    model = Precond(ck.build_network(), ck.sigma_data)
+    if consistency:
+        model = ConsistencyPrecond(ck.build_single_step_network(), ck.sigma_data, ck.single_step["sigma_min"])
+    else:
+        model = Precond(ck.build_network(), ck.sigma_data)
     h, (ny, nx) = model.net.receptive_halo, ck.grid_shape
     g = torch.Generator().manual_seed(2)
     x, cond = torch.randn(2, 2, ny, nx, generator=g), torch.randn(2, 2, ny, nx, generator=g)
@@ -91,7 +104,7 @@ def run_fresh(tmp_path: Path, jobs: dict) -> dict:
 
 
 def test_round_trip_in_a_fresh_process(tmp_path):
-    tiny = tiny_checkpoint(tmp_path / "tiny.pt")
+    tiny = tiny_checkpoint(tmp_path / "tiny.pt", single_step=True)
     cases = {"tiny_step_churn": (tiny, dict(steps=6, churn=2.0), 3),
              "shipped_step": (SHIPPED, {}, 2)}  # the shipped checkpoint with the emulator's defaults (18 steps)
     jobs, refs = {}, {}
@@ -99,9 +112,10 @@ def test_round_trip_in_a_fresh_process(tmp_path):
         args, refs[name] = step_case(ck, members, **sampler)
         model = export_checkpoint(ck, tmp_path / f"{name}.pt", what="step", **sampler)
         jobs[name] = {"model": str(model), "args": args}
-    args, refs["tiny_denoiser"] = denoiser_case(tiny)
-    den = export_checkpoint(tiny, tmp_path / "den.pt", what="denoiser")
-    jobs["tiny_denoiser"] = {"model": str(den), "args": args}
+    for what in ("denoiser", "consistency"):
+        args, refs[f"tiny_{what}"] = denoiser_case(tiny, consistency=what == "consistency")
+        jobs[f"tiny_{what}"] = {"model": str(export_checkpoint(tiny, tmp_path / f"{what}.pt", what=what)),
+                                "args": args}
     out = run_fresh(tmp_path, jobs)
     for name, ref in refs.items():
         for call in ("first", "second"):
@@ -109,7 +123,7 @@ def test_round_trip_in_a_fresh_process(tmp_path):
             assert got.dtype == torch.float32 and got.shape == ref.shape and not out[name]["grad"]
             diff = (got - ref).abs().max().item()
             assert diff <= TOL, f"{name} ({call} call): max |diff| {diff:.3g} > {TOL}"
-        assert json.loads(out[name]["metadata"])["what"] == ("denoiser" if name.endswith("denoiser") else "step")
+        assert json.loads(out[name]["metadata"])["what"] == name.split("_")[1]
     moved = (refs["shipped_step"] - jobs["shipped_step"]["args"][0]).abs().max().item()
     assert moved > 0.1  # the step did something (a zero network would make every comparison trivial)
 
@@ -190,7 +204,8 @@ def test_export_is_atomic(tmp_path, monkeypatch):
 
 def test_bad_requests_are_export_errors(tmp_path):
     ck = tiny_checkpoint(tmp_path / "t.pt")
-    for kwargs in ({"what": "sampler"}, {"dtype": "float16"}, {"steps": 0}, {"sigma_min": 30.0}):
+    for kwargs in ({"what": "sampler"}, {"dtype": "float16"}, {"steps": 0}, {"sigma_min": 30.0},
+                   {"sampler": "ddim"}, {"sampler": "single_step", "churn": 0.0}):
         with pytest.raises(ExportError):
             export_checkpoint(ck, tmp_path / "m.pt", **kwargs)
     with pytest.raises(ExportError, match="is a folder"):
@@ -207,3 +222,60 @@ def test_cli_export(tmp_path, capsys):
     assert main(["export", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "n.pt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.pt" in err[0] and not (tmp_path / "n.pt").exists()
+
+
+@pytest.mark.parametrize("shape, periodic", [((32, 32), (True, True)), ((30, 26), (True, False))])
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit:DeprecationWarning")
+def test_single_step_round_trip_in_a_fresh_process(tmp_path, shape, periodic):
+    ck = tiny_checkpoint(tmp_path / "ss.pt", shape, periodic, single_step=True)
+    jobs, refs = {}, {}
+    for dtype in DTYPES:
+        args, refs[dtype] = step_case(ck, 3, DTYPES[dtype], sampler="single_step")
+        model = export_checkpoint(ck, tmp_path / f"{dtype}.pt", sampler="single_step", dtype=dtype)
+        jobs[dtype] = {"model": str(model), "args": args}
+    out = run_fresh(tmp_path, jobs)
+    for name, ref in refs.items():
+        for call in ("first", "second"):
+            got = out[name][call]
+            assert got.dtype == ref.dtype and got.shape == ref.shape and not out[name]["grad"]
+            diff = (got - ref).abs().max().item()
+            assert diff <= TOL, f"{name} ({call} call): max |diff| {diff:.3g} > {TOL}"
+    assert json.loads(out["float64"]["metadata"])["sampler"]["kind"] == "single_step"
+    state, noise = jobs["float32"]["args"]
+    assert (refs["float32"] - state).abs().max().item() > 0.1  # the step did something
+    fortran = [t.permute(*reversed(range(t.dim()))).contiguous().permute(*reversed(range(t.dim())))
+               for t in (state, noise)]  # FTorch's view of Fortran arrays (x, y, variable, member, 1)
+    module = torch.jit.load(jobs["float32"]["model"])
+    assert not fortran[0].is_contiguous() and torch.equal(module(*fortran), module(state, noise))
+
+
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit:DeprecationWarning")
+def test_single_step_keeps_the_host_interface(tmp_path):
+    from twin.cli import main
+
+    ck = tiny_checkpoint(tmp_path / "ss.pt", single_step=True)
+    assert main(["export", str(ck), "--out", str(tmp_path / "m.pt"), "--sampler", "single_step"]) == 0
+    meta = json.loads((tmp_path / "m.pt.json").read_text())
+    heun = build_module(ck, steps=2)[1]
+    assert meta["what"] == "step" and meta["inputs"][0] == heun["inputs"][0] and meta["outputs"] == heun["outputs"]
+    assert meta["sampler"] == {"kind": "single_step", "sigma_min": 0.002, "sigma_max": 20.0, "network_calls": 1}
+    assert meta["inputs"][1]["shape"] == [1, "member", 2, 32, 32] and meta["inputs"][1]["indices_read"] == [0]
+    module = torch.jit.load(str(tmp_path / "m.pt"))
+    with pytest.raises(torch.jit.Error, match=r"noise: expected shape \(1, 1, 2, 32, 32\)"):
+        module(torch.zeros(1, 2, 32, 32), torch.zeros(19, 1, 2, 32, 32))
+
+
+def test_single_step_errors_are_one_line(tmp_path, capsys):
+    from twin.cli import main
+
+    plain = tiny_checkpoint(tmp_path / "plain.pt")
+    out = tmp_path / "out" / "m.pt"
+    for extra in (["--sampler", "single_step"], ["--what", "consistency"]):
+        assert main(["export", str(plain), "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(plain) in err[0] and "single-step" in err[0]
+    ss = tiny_checkpoint(tmp_path / "ss.pt", single_step=True)
+    assert main(["export", str(ss), "--out", str(out), "--sampler", "single_step", "--steps", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "steps" in err[0] and "single_step" in err[0]
+    assert not out.parent.exists()

@@ -97,8 +97,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from twin.export import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out, what=args.what, dtype=args.dtype, steps=args.steps,
-                            churn=args.churn)
+    out = export_checkpoint(args.checkpoint, args.out, what=args.what, sampler=args.sampler, dtype=args.dtype,
+                            steps=args.steps, churn=args.churn)
     print(f"{out} (metadata: {out.name}.json)")
     return 0
 
@@ -142,10 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     exp = _command(sub, "export", "write a diffusion checkpoint as TorchScript for Fortran hosts (FTorch)",
                    _cmd_export, "checkpoint", "checkpoint file (a bare name is also looked up in emulators/weights/)")
     exp.add_argument("--out", default="model.pt", help="TorchScript file to write (metadata: OUT.json beside it)")
-    exp.add_argument("--what", choices=("step", "denoiser"), default="step",
-                     help="step: (state, noise) -> next state in physical units; denoiser: EDM D(x, sigma, cond)")
-    exp.add_argument("--steps", type=int, default=18, help="Heun sampler steps of the step module")
-    exp.add_argument("--churn", type=float, default=0.0, help="S_churn of the step module's sampler")
+    exp.add_argument("--what", choices=("step", "denoiser", "consistency"), default="step",
+                     help="step: (state, noise) -> next state in physical units; denoiser: EDM D(x, sigma, cond); "
+                          "consistency: the single-step sampler's f(x, sigma, cond)")
+    exp.add_argument("--sampler", choices=("heun", "single_step"), default="heun",
+                     help="the step module's sampler: heun (2 steps - 1 network calls) or single_step (one call; "
+                          "needs a checkpoint with a single-step network)")
+    exp.add_argument("--steps", type=int, help="Heun sampler steps of the step module (default 18)")
+    exp.add_argument("--churn", type=float, help="S_churn of the step module's Heun sampler (default 0)")
     exp.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="tensor dtype")
     return p
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,23 @@ class ConfigError(Exception):
     def __init__(self, file: str, key: str, message: str) -> None:
         self.file, self.key, self.message = file, key, message
         super().__init__(f"{file}: {key}: {message}" if key else f"{file}: {message}")
+
+
+_UNITS = {"s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration_seconds(value: float | str, file: str, key: str) -> float:
+    """A duration: a number of seconds or a string with a unit ("1200s", "30min", "6h", "50d")."""
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9.]+(?:[eE][-+]?[0-9]+)?)\s*(s|min|h|d)\s*", value)
+        if not m:
+            raise ConfigError(file, key, f"expected a duration like 1200s, 30min, 6h or 50d (got {value!r})")
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if not seconds > 0:
+        raise ConfigError(file, key, f"must be a positive duration (got {value!r})")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -49,12 +67,40 @@ class TruthConfig:
 
 
 @dataclass(frozen=True)
+class InitialConfig:
+    path: str = field(metadata={
+        "help": "CF netCDF file of the initial field on a latitude-longitude grid (1-D or 2-D lat/lon, found "
+                "from CF attributes); the run's grid, mask and variables come from it (no truth run)"})
+    variables: tuple[str, ...] = field(metadata={"help": "data variables that form the state, in order"})
+    time: str | None = field(default=None, metadata={
+        "help": "time of the field (ISO 8601, matched to the file's CF time); null = the first"})
+    units: tuple[str, ...] = field(default=(), metadata={
+        "help": "units inside the twin, one per variable, converted from the file's (K <-> degC, "
+                "Pa <-> hPa); empty = the file's"})
+    spread: float | tuple[float, ...] | None = field(default=None, metadata={
+        "help": "std of the Gaussian member perturbations (one value, or one per variable); null = "
+                "ensemble.init_spread, or 0 with members_from"})
+    members_from: Literal["times"] | tuple[str, ...] | None = field(default=None, metadata={
+        "help": "null: perturb the field; times: the members are ensemble.size consecutive times of the file "
+                "from `time` on; a list of files: one member each (same grid and variables)"})
+    mask_variable: str | None = field(default=None, metadata={
+        "help": "variable of the file that marks valid points (e.g. a land-sea mask); NaN and _FillValue "
+                "points are always masked"})
+    mask_valid: Literal["nonzero", "zero"] = field(default="nonzero", metadata={
+        "help": "which values of mask_variable are valid: nonzero, or zero (a land mask for a sea field)"})
+
+
+@dataclass(frozen=True)
 class ObservationsConfig:
     operator: str = field(default="identity", metadata={"help": "observation operator (registry name)"})
     every: int = field(default=1, metadata={"min": 1, "help": "model steps per assimilation cycle"})
     error_std: float = field(default=1.0, metadata={"gt": 0, "help": "observation error standard deviation"})
     fraction: float = field(default=1.0, metadata={"gt": 0, "max": 1, "help": "fraction of the state observed"})
     seed: int = field(default=3, metadata={"help": "seed of the observation noise and selection"})
+    variables: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "synthetic observations: the observed variables (null: all)"})
+    region: tuple[tuple[int, ...], ...] | None = field(default=None, metadata={
+        "help": "synthetic observations: index box [[start, stop], ...] per grid axis (null: the whole grid)"})
     path: str | None = field(default=None, metadata={
         "help": "observation file (CF DSG netCDF point/timeSeries, or CSV); null = synthetic from the truth"})
     time_window: float | None = field(default=None, metadata={
@@ -104,6 +150,7 @@ class CaseConfig:
     name: str
     model: ModelSpec
     truth: TruthConfig = TruthConfig()
+    initial: InitialConfig | None = None
     observations: ObservationsConfig = ObservationsConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
     assimilation: AssimilationConfig = AssimilationConfig()
@@ -129,6 +176,9 @@ def _coerce(tp: Any, value: Any, key: str, file: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # X | None: X's own error, with its key path
+            return _coerce(options[0], value, key, file)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -281,11 +331,34 @@ def _validate(case: CaseConfig, file: str) -> None:
             validate_model(case.model.config)
     except ValueError as e:
         raise ConfigError(file, "model", str(e)) from None
+    points = _validate_initial(case, file) if case.initial is not None else None
     if case.truth.model is not None:
         grids = [model_registry[m.kind].global_grid(m.config) for m in (case.model, case.truth.model)]
         if grids[0].shape != grids[1].shape:
             raise ConfigError(file, "truth.model", f"grid {grids[1].shape} differs from the forecast model's {grids[0].shape}")
-    _check_memory(case, file)
+    if points is None:
+        try:
+            points = model_registry[case.model.kind].global_grid(case.model.config).size
+        except ValueError as e:
+            raise ConfigError(file, "model", str(e)) from None
+    _check_memory(case, file, points)
+
+
+def _validate_initial(case: CaseConfig, file: str) -> int:
+    """`initial:` needs a model that runs on the data grid and observations from a file; the file
+    itself is checked (axes, variables, time, units) without reading the fields. Returns the grid size."""
+    from twin.initial import initial_grid
+
+    kind = case.model.kind
+    if not getattr(model_registry[kind], "data_grid", False):
+        data_models = ", ".join(sorted(k for k, c in model_registry.items() if getattr(c, "data_grid", False)))
+        raise ConfigError(file, "initial", f"model kind {kind!r} runs on its own grid; `initial:` needs a model "
+                          f"that runs on the file's grid ({data_models})")
+    if case.observations.path is None:
+        raise ConfigError(file, "observations.path", "needed with `initial:` (there is no truth run to observe)")
+    if case.truth.model is not None:
+        raise ConfigError(file, "truth.model", "a run with `initial:` has no truth run")
+    return initial_grid(case.initial, case.ensemble.size, file).size
 
 
 def _physical_memory() -> int:
@@ -297,11 +370,15 @@ def _physical_memory() -> int:
         return 1 << 40
 
 
-def estimated_bytes(case: CaseConfig) -> int:
+def estimated_bytes(case: CaseConfig, points: int | None = None) -> int:
     """A rough upper estimate of a run's memory: ensemble with model temporaries, plus what the
-    recorder keeps for the output files (all members or mean and spread at every written cycle)."""
+    recorder keeps for the output files (all members or mean and spread at every written cycle).
+    `points`: the grid size (default: the model's grid)."""
     cls = model_registry[case.model.kind]
-    state = cls.global_grid(case.model.config).size * len(getattr(cls, "variables", (None,)))
+    if points is None:
+        points = cls.global_grid(case.model.config).size
+    n_vars = len(case.initial.variables) if case.initial is not None else len(getattr(cls, "variables", (None,)))
+    state = points * n_vars
     itemsize = 8 if case.run.dtype == "float64" else 4
     members = case.ensemble.size
     written = -(-case.run.cycles // case.output.every)
@@ -309,8 +386,8 @@ def estimated_bytes(case: CaseConfig) -> int:
     return itemsize * state * ((members + 2) * 8 + written * kept)
 
 
-def _check_memory(case: CaseConfig, file: str) -> None:
-    need, have = estimated_bytes(case), int(0.8 * _physical_memory())
+def _check_memory(case: CaseConfig, file: str, points: int) -> None:
+    need, have = estimated_bytes(case, points), int(0.8 * _physical_memory())
     if need > have:
         raise ConfigError(file, "model.size", f"the run needs about {need / 2**30:.1f} GiB of memory, more than the "
                           f"{have / 2**30:.1f} GiB available (shrink model.size, ensemble.size or run.cycles, "
@@ -400,21 +477,28 @@ def case_to_dict(case: CaseConfig) -> dict:
 def keys_table() -> str:
     """Markdown tables of every case key with type, default and help, generated from the dataclasses."""
 
+    def type_name(tp: Any) -> str:
+        if typing.get_origin(tp) in (Union, types.UnionType):
+            return " or ".join("null" if a is type(None) else type_name(a) for a in typing.get_args(tp))
+        return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
     def rows(cls: type, prefix: str) -> list[str]:
         hints = typing.get_type_hints(cls)
         out = []
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else "required"
-            tp = str(hints[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
-            tp = tp.replace(" | None", " or null").replace(" | ", " or ").replace("|", " or ")
+            tp = type_name(hints[f.name])
             out.append(f"| `{prefix}{f.name}` | {tp} | `{default}` | {f.metadata.get('help', '')} |")
         return out
 
     head = ["| key | type | default | meaning |", "|---|---|---|---|"]
     sections = [("Case", ["| `name` | str | required | case name (summary.json `case`) |"])]
+    hints = typing.get_type_hints(CaseConfig)
     for f in dataclasses.fields(CaseConfig):
-        if dataclasses.is_dataclass(f.default) and f.name != "assimilation":
-            sections.append((f"`{f.name}`", rows(type(f.default), f"{f.name}.")))
+        section = next((t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if dataclasses.is_dataclass(t)),
+                       None)
+        if section is not None and f.name not in ("model", "assimilation"):
+            sections.append((f"`{f.name}`", rows(section, f"{f.name}.")))
     for name, cls in sorted(model_registry.items()):
         sections.append((f"model `kind: {name}`", rows(cls.Config, "model.")))
     for name, cls in sorted(stage_registry.items()):

@@ -5,6 +5,7 @@ A leaf module (torch and numpy only; mpi4py only inside the MPI backend) that `a
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
@@ -13,11 +14,21 @@ import numpy as np
 import torch
 
 
+def _read_only(array: np.ndarray, dtype: type) -> np.ndarray:
+    out = np.array(array, dtype=dtype)  # a private copy: the grid's arrays never change
+    out.setflags(write=False)
+    return out
+
+
 @dataclass(frozen=True)
 class Grid:
     """A rectilinear index grid: `shape` points, `spacing` distance units per index, periodic axes.
 
     Distances are in the grid's distance unit (`units`): grid points for Lorenz-96 and index grids.
+    `mask` (bool, `shape`, True = valid) marks the points that belong to the state (a land-sea mask,
+    missing data): masked points hold a finite fill (0) inside the twin, are never observed, updated
+    or used as sources, are left out of every metric and are NaN in the output files. Grids compare
+    equal when their shapes, axes and arrays (mask, coordinates) are equal (`fingerprint`).
     """
 
     shape: tuple[int, ...]
@@ -25,15 +36,54 @@ class Grid:
     spacing: tuple[float, ...] = ()
     dims: tuple[str, ...] = ()
     units: str = "1"
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False, kw_only=True)
+    fingerprint: str = field(default="", init=False, repr=False)
 
     def __post_init__(self) -> None:
         nd = len(self.shape)
+        object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
+        object.__setattr__(self, "periodic", tuple(bool(p) for p in self.periodic))
         if not self.spacing:
             object.__setattr__(self, "spacing", (1.0,) * nd)
         if not self.dims:
             object.__setattr__(self, "dims", ("y", "x")[-nd:] if nd <= 2 else tuple(f"x{i}" for i in range(nd)))
         if not (len(self.periodic) == len(self.spacing) == len(self.dims) == nd):
             raise ValueError("Grid: shape, periodic, spacing and dims must have the same length")
+        if self.mask is not None:
+            if tuple(np.shape(self.mask)) != tuple(self.shape):
+                raise ValueError(f"Grid: mask has shape {np.shape(self.mask)}, the grid {tuple(self.shape)}")
+            object.__setattr__(self, "mask", _read_only(self.mask, bool))
+        digest = hashlib.blake2b(digest_size=16)
+        for array in self._arrays():
+            digest.update(repr((array.shape, array.dtype.str)).encode())
+            digest.update(np.ascontiguousarray(array).tobytes())
+        object.__setattr__(self, "fingerprint", digest.hexdigest())
+
+    def mask_tensor(self) -> torch.Tensor | None:
+        """The mask as a (writable) bool tensor of `shape`; None when every point is valid."""
+        return None if self.mask is None else torch.tensor(self.mask)
+
+    def _arrays(self) -> tuple[np.ndarray, ...]:
+        """The arrays that define the grid besides its scalar fields (they enter `fingerprint`)."""
+        return () if self.mask is None else (self.mask,)
+
+    def area_weights(self) -> np.ndarray | None:
+        """Relative area of each grid point (`shape`); None: all points weigh the same (index grids)."""
+        return None
+
+    def point_weights(self) -> torch.Tensor | None:
+        """Metric weights (float64, `shape`): area × mask, summing to 1; None when every point
+        weighs the same (no area weights, no mask), so unweighted scores stay as they were."""
+        area = self.area_weights()
+        if area is None and self.mask is None:
+            return None
+        w = np.ones(self.shape) if area is None else np.asarray(area, dtype=np.float64)
+        if self.mask is not None:
+            w = np.where(self.mask, w, 0.0)
+        total = w.sum()
+        if not total > 0:
+            raise ValueError("Grid: no valid point (the mask excludes every point)")
+        return torch.from_numpy(w / total)
 
     @property
     def ndim(self) -> int:

@@ -1,7 +1,9 @@
 """CF-1.11 netCDF writers and readers: ensemble states, observations (DSG points), restarts.
 
 xarray appears only here, at the edges: inputs are numpy arrays, outputs are `xarray.Dataset`s.
-Every file is written atomically (temp file in the same folder, then `os.replace`).
+Every file is written atomically (temp file in the same folder, then `os.replace`). Latitude-
+longitude grids get CF latitude/longitude coordinates (2-D `lat`/`lon` on a curvilinear grid), and
+fields are NaN (the CF _FillValue) at the grid's masked points.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any, Iterator, Mapping, Protocol, Sequence
 import numpy as np
 import xarray as xr
 
+from assim.geo import CurvilinearGrid, GeoGrid
 from twin.domain import Grid
 
 CONVENTIONS = "CF-1.11"
@@ -132,8 +135,26 @@ def _time_coords(model_times: np.ndarray, dim: str, time_unit_seconds: float, st
     return {"time": time, "model_time": mt}
 
 
+_GEO = {"lat": {"standard_name": "latitude", "units": "degrees_north", "axis": "Y"},
+        "lon": {"standard_name": "longitude", "units": "degrees_east", "axis": "X"}}
+
+
+def _geographic(grid: Grid) -> bool:
+    return isinstance(grid, (GeoGrid, CurvilinearGrid))
+
+
+def location_dims(grid: Grid) -> tuple[str, ...]:
+    """Names of the coordinates of an observation location: (lat, lon) on a curvilinear grid, whose
+    dimensions are grid indices; the grid's dimensions otherwise."""
+    return tuple(getattr(grid, "location_dims", grid.dims))
+
+
 def _axis_attrs(grid: Grid, axis: int, what: str = "grid") -> dict[str, str]:
     dim = grid.dims[axis]
+    if isinstance(grid, CurvilinearGrid):
+        return {"long_name": f"{what} {dim} index", "units": "1"}
+    if isinstance(grid, GeoGrid):
+        return {"long_name": f"{what} {_GEO[dim]['standard_name']}", **_GEO[dim]}
     letter = {"x": "X", "lon": "X", "y": "Y", "lat": "Y", "z": "Z"}.get(dim.lower())
     if letter is None and axis >= grid.ndim - 2:
         letter = "XY"[axis - grid.ndim + 2] if grid.ndim >= 2 else "X"
@@ -145,13 +166,32 @@ def _axis_attrs(grid: Grid, axis: int, what: str = "grid") -> dict[str, str]:
     return attrs
 
 
-def _grid_coords(grid: Grid) -> dict[str, xr.Variable]:
+def grid_coordinates(grid: Grid) -> dict[str, xr.Variable]:
+    """CF coordinates of the grid: one per dimension, plus 2-D `lat`/`lon` on a curvilinear grid."""
     out = {}
     for a, dim in enumerate(grid.dims):
         v = xr.Variable(dim, grid.axis_values(a), _axis_attrs(grid, a))
         v.encoding["_FillValue"] = None
         out[dim] = v
+    if isinstance(grid, CurvilinearGrid):
+        for name in ("lat", "lon"):
+            v = xr.Variable(grid.dims, getattr(grid, name), {"long_name": _GEO[name]["standard_name"],
+                                                             "standard_name": _GEO[name]["standard_name"],
+                                                             "units": _GEO[name]["units"]})
+            v.encoding["_FillValue"] = None
+            out[name] = v
     return out
+
+
+def mask_fields(ds: xr.Dataset, grid: Grid) -> xr.Dataset:
+    """NaN (the CF _FillValue) at the grid's masked points in every float variable on the grid."""
+    if grid.mask is None:
+        return ds
+    n = grid.ndim
+    for name, v in ds.data_vars.items():
+        if v.dims[len(v.dims) - n:] == tuple(grid.dims) and v.dtype.kind == "f":
+            ds[name] = v.where(xr.DataArray(grid.mask, dims=grid.dims))
+    return ds
 
 
 def _member_coord(n: int) -> xr.Variable:
@@ -220,7 +260,7 @@ def state_dataset(ens: np.ndarray, times: Sequence[float] | np.ndarray, grid: Gr
                          f"variable={len(variables)}, *grid={grid.shape})")
     coords: dict[str, xr.Variable] = {**_time_coords(times, "time", time_unit_seconds,
                                                      start, model_time_units),
-                                      **_grid_coords(grid)}
+                                      **grid_coordinates(grid)}
     _check_names(variables, [*coords, "member", *(f"{v.name}_spread" for v in variables)])
     dims = ("time", *grid.dims)
     data: dict[str, xr.Variable] = {}
@@ -239,7 +279,7 @@ def state_dataset(ens: np.ndarray, times: Sequence[float] | np.ndarray, grid: Gr
     g = _global_attrs("EarthTwin ensemble state", attrs, version)
     g["earthtwin_variables"] = " ".join(v.name for v in variables)
     ds = xr.Dataset(data, coords=coords, attrs=g)
-    return _add_extra(ds, extra)
+    return mask_fields(_add_extra(ds, extra), grid)
 
 
 def observations_dataset(times: np.ndarray, locations: np.ndarray, variable: np.ndarray, values: np.ndarray,
@@ -257,8 +297,10 @@ def observations_dataset(times: np.ndarray, locations: np.ndarray, variable: np.
     if n and (variable.min() < 0 or variable.max() >= len(variables)):
         raise ValueError(f"variable index out of range 0..{len(variables) - 1}")
     coords = _time_coords(times, "obs", time_unit_seconds, start, model_time_units)
-    for a, dim in enumerate(grid.dims):
-        coords[dim] = xr.Variable("obs", locations[:, a], _axis_attrs(grid, a, "observation"))
+    for a, dim in enumerate(location_dims(grid)):
+        attrs = ({"long_name": f"observation {_GEO[dim]['standard_name']}", **_GEO[dim]} if _geographic(grid)
+                 else _axis_attrs(grid, a, "observation"))
+        coords[dim] = xr.Variable("obs", locations[:, a], attrs)
         coords[dim].encoding["_FillValue"] = None
     units = {variables[int(i)].units for i in np.unique(variable)} if n else set()
     value_attrs = {"long_name": "observed value"}
@@ -308,7 +350,7 @@ def write_restart(path: str | os.PathLike[str], ens: np.ndarray, model_time: flo
     ens = np.asarray(ens)
     if ens.ndim != 2 + grid.ndim or ens.shape[1] != len(variables) or ens.shape[2:] != tuple(grid.shape):
         raise ValueError(f"ens has shape {ens.shape}; expected (member, {len(variables)}, *{grid.shape})")
-    coords = {**_grid_coords(grid), "member": _member_coord(ens.shape[0])}
+    coords = {**grid_coordinates(grid), "member": _member_coord(ens.shape[0])}
     _check_names(variables, [*coords, "model_time", "cycle"])
     data = {v.name: xr.Variable(("member", *grid.dims), ens[:, i], _var_attrs(v))
             for i, v in enumerate(variables)}
@@ -318,7 +360,7 @@ def write_restart(path: str | os.PathLike[str], ens: np.ndarray, model_time: flo
     g = _global_attrs("EarthTwin restart", {"case_name": case_name, "config_yaml": config_yaml}, version)
     g.update(earthtwin_restart_format=RESTART_FORMAT, earthtwin_version=version,
              earthtwin_variables=" ".join(v.name for v in variables))
-    return write_netcdf_atomic(xr.Dataset(data, coords=coords, attrs=g), path, compress=False)
+    return write_netcdf_atomic(mask_fields(xr.Dataset(data, coords=coords, attrs=g), grid), path, compress=False)
 
 
 def _major(version: str) -> str:

@@ -13,14 +13,23 @@ from twin.domain import Decomposition, Grid
 REASONS = ("nonfinite", "bad_error", "out_of_domain", "duplicate", "gross_error")
 
 
+def _location_grid(grid: Grid) -> Grid:
+    """The grid as the file reader sees it: a curvilinear grid's locations are (lat, lon) in degrees,
+    not its (y, x) indices, so the reader looks for latitude and longitude."""
+    dims = tuple(getattr(grid, "location_dims", grid.dims))
+    if dims == tuple(grid.dims):
+        return grid
+    return Grid(grid.shape, grid.periodic, dims=dims, units="degrees")
+
+
 class FileObservations:
     """Observations of a CF DSG netCDF or CSV file for the cycles of a run."""
 
     def __init__(self, path: str, grid: Grid, domain: Decomposition, variables, *, start: str,
                  time_unit_seconds: float, default_error_std: float, half_width: float,
                  gross_error_k: float | None, dtype: torch.dtype) -> None:
-        table = read_observations(path, grid, variables, start=start, time_unit_seconds=time_unit_seconds,
-                                  default_error_std=default_error_std)
+        table = read_observations(path, _location_grid(grid), variables, start=start,
+                                  time_unit_seconds=time_unit_seconds, default_error_std=default_error_std)
         self.table, counts = screen(table, grid)
         self.rejected = {r: int(counts.get(r, 0)) for r in REASONS}
         self.grid, self.domain, self.dtype = grid, domain, dtype

@@ -3,6 +3,8 @@
 The loop only appends references (no tensor work per cycle); scores are computed in batches of
 cycles by `flush()`, when the buffer reaches `buffer_elements` or the writer asks. So a small
 problem pays a few vectorised calls per hundreds of cycles, and a large one flushes every cycle.
+On grids with area weights or a mask (`state_weights`) every grid mean is a weighted mean and
+masked points are left out of the rank histogram; other grids are scored exactly as before.
 """
 from __future__ import annotations
 
@@ -13,9 +15,24 @@ import torch
 
 from assim import metrics
 from assim.observations import ObservationBatch
+from twin.domain import Grid
 
 METRICS = ("rmse_analysis", "rmse_forecast", "spread_analysis", "spread_forecast", "crps_analysis",
            "omb_mean", "omb_rms", "oma_mean", "oma_rms", "obs_count")
+
+
+def state_weights(grid: Grid, n_variables: int,
+                  slices: tuple[slice, ...] | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(weights, valid) of the state (variable, *grid) or of its block `slices`: the grid's metric
+    weights (`Grid.point_weights`) shared out over the variables, so that they sum to 1 over the
+    whole state, and the mask; (None, None) when every point weighs the same."""
+    w = grid.point_weights()
+    if w is None:
+        return None, None
+    slices = slices or tuple(slice(None) for _ in grid.shape)
+    w = (w[slices] / n_variables).expand(n_variables, *w[slices].shape).contiguous()
+    valid = None if grid.mask is None else grid.mask_tensor()[slices].expand_as(w).contiguous()
+    return w, valid
 
 
 def _np(values: torch.Tensor) -> np.ndarray:
@@ -53,6 +70,8 @@ class RunRecorder:
     truth: list[torch.Tensor] = field(default_factory=list)
     observations: list[dict[str, torch.Tensor | float]] = field(default_factory=list)
     rank_counts: torch.Tensor | None = None
+    weights: torch.Tensor | None = None  # (variable, *grid) from `state_weights`; None: equal weights
+    valid: torch.Tensor | None = None  # (variable, *grid) the mask; None: every point counts
     _pending: list[_Pending] = field(default_factory=list)
     _pending_elements: int = 0
 
@@ -87,19 +106,21 @@ class RunRecorder:
         c, m = prior.shape[:2]
         prior_f, ana_f = prior.reshape(c, m, -1), analysis.reshape(c, m, -1)
         prior_mean, ana_mean = prior.mean(1), analysis.mean(1)
+        w = None if self.weights is None else self.weights.reshape(-1)
         pc = self.per_cycle
-        pc["spread_analysis"].append(_np(metrics.spread(ana_f, member_dim=1, dims=-1)))
-        pc["spread_forecast"].append(_np(metrics.spread(prior_f, member_dim=1, dims=-1)))
+        pc["spread_analysis"].append(_np(metrics.spread(ana_f, w, member_dim=1, dims=-1)))
+        pc["spread_forecast"].append(_np(metrics.spread(prior_f, w, member_dim=1, dims=-1)))
         nan = torch.full((c,), float("nan"), dtype=prior.dtype)
         if group[0].truth is not None:
             truth = torch.stack([p.truth for p in group])
             truth_f = truth.reshape(c, -1)
-            pc["rmse_analysis"].append(_np(metrics.rmse(ana_mean.reshape(c, -1), truth_f, dims=-1)))
-            pc["rmse_forecast"].append(_np(metrics.rmse(prior_mean.reshape(c, -1), truth_f, dims=-1)))
-            pc["crps_analysis"].append(_np(metrics.crps_fair(ana_f, truth_f, member_dim=1, dims=-1)))
+            pc["rmse_analysis"].append(_np(metrics.rmse(ana_mean.reshape(c, -1), truth_f, w, dims=-1)))
+            pc["rmse_forecast"].append(_np(metrics.rmse(prior_mean.reshape(c, -1), truth_f, w, dims=-1)))
+            pc["crps_analysis"].append(_np(metrics.crps_fair(ana_f, truth_f, w, member_dim=1, dims=-1)))
             after = torch.tensor([p.cycle >= self.burn_in for p in group])
             if bool(after.any()):
-                ranks = metrics.truth_rank(ana_f[after], truth_f[after], member_dim=1)
+                keep = slice(None) if self.valid is None else self.valid.reshape(-1)
+                ranks = metrics.truth_rank(ana_f[after][..., keep], truth_f[after][..., keep], member_dim=1)
                 counts = metrics.rank_histogram(ranks, self.members)
                 self.rank_counts = counts if self.rank_counts is None else self.rank_counts + counts
         else:
@@ -134,7 +155,8 @@ class RunRecorder:
         self.out_cycles.append(p.cycle)
         self.analysis.append(p.analysis if self.keep_members else ana_mean.clone())
         if not self.keep_members:
-            self.analysis_spread.append(p.analysis.std(dim=0))
+            spread = p.analysis.std(dim=0)
+            self.analysis_spread.append(spread if self.valid is None else spread.masked_fill(~self.valid, float("nan")))
         self.background_mean.append(prior_mean.clone())
         self.background_spread.append(p.prior.std(dim=0))
         if truth is not None:
@@ -208,17 +230,25 @@ class RunRecorder:
 
 
 def partial_sums(prior: torch.Tensor, analysis: torch.Tensor, truth: torch.Tensor | None,
-                 obs: ObservationBatch | None) -> torch.Tensor:
+                 obs: ObservationBatch | None, weights: torch.Tensor | None = None,
+                 valid: torch.Tensor | None = None) -> torch.Tensor:
     """This rank's share of one cycle's scores as sums (float64), to be all-reduced:
     [n_points, Σ var_a, Σ var_f, Σ err²_a, Σ err²_f, Σ crps, n_obs, Σ omb, Σ omb², Σ oma, Σ oma²,
-    rank counts...]. Truth-free runs put NaN in the error sums."""
-    n = float(prior[0].numel())
+    rank counts...]. Truth-free runs put NaN in the error sums. With this rank's block of
+    `state_weights` the sums are weighted and n_points is the block's share of the total weight."""
     prior_mean, ana_mean = prior.mean(0), analysis.mean(0)
-    out = [n, float(analysis.var(0).sum()), float(prior.var(0).sum())]
+
+    def total(x: torch.Tensor) -> float:
+        return float(x.sum() if weights is None else (x * weights).sum())
+
+    n = float(prior[0].numel()) if weights is None else float(weights.sum())
+    out = [n, total(analysis.var(0)), total(prior.var(0))]
     if truth is not None:
-        out += [float((ana_mean - truth).square().sum()), float((prior_mean - truth).square().sum()),
-                float(metrics.crps_fair(analysis, truth)) * n]
-        ranks = metrics.rank_histogram(metrics.truth_rank(analysis, truth), analysis.shape[0]).double()
+        crps = float(metrics.crps_fair(analysis, truth)) * n if weights is None else \
+            float(metrics.crps_fair(analysis, truth, weights))
+        out += [total((ana_mean - truth).square()), total((prior_mean - truth).square()), crps]
+        keep = slice(None) if valid is None else valid
+        ranks = metrics.rank_histogram(metrics.truth_rank(analysis, truth)[keep], analysis.shape[0]).double()
     else:
         out += [float("nan")] * 3
         ranks = torch.zeros(analysis.shape[0] + 1, dtype=torch.float64)

@@ -1,4 +1,5 @@
-"""`twin train CASE.yaml`: train a diffusion (EDM) emulator on truth runs of a reference model.
+"""`twin train CASE.yaml`: train a diffusion (EDM) emulator on truth runs of a reference model or on
+a CF netCDF archive.
 
 Data: `data.runs` truth runs of the case's `truth` model from different seeds, spun up `data.spinup`,
 then sampled every emulator step Δ = `data.step` (`data.samples` snapshots per run); pairs
@@ -9,6 +10,10 @@ the EDM loss. Everything random comes from seeded `torch.Generator`s (never the 
 reproducible and a resumed run continues exactly where the interrupted one stopped. The output folder
 holds `train_state.pt` (resume point, written every `train.checkpoint_every` iterations), `data.pt`
 (cached truth data), and at the end `checkpoint.pt` (the emulator's), `config.yaml`, `loss.png`.
+
+Archive: with `data: {paths: [...], variables: [...], step: 6h}` (no `truth:`) the pairs are read per
+batch from the files (`twin.archive`, `twin.trainpairs`), the statistics cached in `stats.pt`; masked
+points add nothing to the losses; the grid is lat-lon: x periodic (and shifted) only on a global grid.
 """
 from __future__ import annotations
 
@@ -18,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,25 +39,11 @@ from emulators.diffusion.edm import EDMConfig, Precond, edm_loss
 from emulators.diffusion.emulator import static_fields
 from emulators.diffusion.network import NetworkConfig, UNetLite, parameter_count
 from emulators.registry import model_registry
-from twin.config import ConfigError, apply_override, parse_dataclass, read_yaml
-from twin.domain import SerialDomain, pad_halo
+from twin.archive import SPLITS, Archive, ArchiveConfig, open_archive, parse_archive_config
+from twin.config import ConfigError, apply_override, duration_seconds, parse_dataclass, read_yaml
+from twin.domain import SerialDomain
 from twin.random import Streams
-
-_UNITS = {"s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def duration_seconds(value: float | str, file: str, key: str) -> float:
-    """A duration: a number of seconds or a string with a unit ("1200s", "30min", "6h", "50d")."""
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        m = re.fullmatch(r"\s*([0-9.]+(?:[eE][-+]?[0-9]+)?)\s*(s|min|h|d)\s*", value)
-        if not m:
-            raise ConfigError(file, key, f"expected a duration like 1200s, 30min, 6h or 50d (got {value!r})")
-        seconds = float(m.group(1)) * _UNITS[m.group(2)]
-    if not seconds > 0:
-        raise ConfigError(file, key, f"must be a positive duration (got {value!r})")
-    return seconds
+from twin.trainpairs import ArchivePairs, Pairs, TruthPairs, lon_periodic
 
 
 @dataclass(frozen=True)
@@ -135,6 +125,7 @@ class TrainCase:
     distill: DistillConfig = DistillConfig()
     crps: CRPSConfig = CRPSConfig()
     out: str = ""
+    archive: ArchiveConfig | None = None  # set from `data:` when it names files (then truth is None)
 
 
 def load_train_case(path: str | Path, overrides: tuple[str, ...] = ()) -> tuple[TrainCase, dict]:
@@ -147,17 +138,48 @@ def load_train_case(path: str | Path, overrides: tuple[str, ...] = ()) -> tuple[
     for o in overrides:
         apply_override(raw, o, file)
     body = dict(raw)
+    if "archive" in body:
+        raise ConfigError(file, "archive", "unknown key (name an archive as data: {paths: [...], variables: [...]})")
+    data = body.get("data")
+    if isinstance(data, dict) and "paths" in data:
+        if "truth" in body:
+            raise ConfigError(file, "truth", "not used with an archive (data.paths): remove one of the two")
+        archive = parse_archive_config(body.pop("data"), file)
+        case = dataclasses.replace(parse_dataclass(TrainCase, {**body, "truth": None}, "", file), archive=archive)
+    else:
+        case = _parse_truth_case(body, file)
+    bad = [s for s in case.network.static if s not in STATIC_CHANNELS]
+    if bad:
+        raise ConfigError(file, "network.static",
+                          f"unknown static channels {bad} (known: {', '.join(STATIC_CHANNELS)})")
+    if case.crps.iterations and not case.distill.iterations:
+        raise ConfigError(file, "crps.iterations", "CRPS fine-tuning needs the distilled sampler (distill.iterations > 0)")
+    unroll = case.crps.unroll
+    if case.archive is not None and (not unroll or min(unroll) < 1):
+        raise ConfigError(file, "crps.unroll", f"rollout lengths must be at least 1 (got {list(unroll)})")
+    if case.archive is None and (not unroll or min(unroll) < 1 or max(unroll) >= case.data.samples):
+        raise ConfigError(file, "crps.unroll", f"rollout lengths must be between 1 and data.samples - 1 "
+                          f"(got {list(unroll)})")
+    try:
+        network_config(case, 2)
+    except ValueError as e:
+        raise ConfigError(file, "network", str(e)) from None
+    return case, raw
+
+
+def _parse_truth_case(body: dict, file: str) -> TrainCase:
+    """The case of a truth-run training set (`truth:` and `data:` runs), checked against the model."""
     truth = body.pop("truth", None)
     if not isinstance(truth, dict) or not isinstance(truth.get("kind"), str):
-        raise ConfigError(file, "truth.kind", "missing: the reference model, e.g. {kind: sqg, ...}")
+        raise ConfigError(file, "truth.kind", "missing: the reference model, e.g. {kind: sqg, ...} "
+                          "(or an archive: data: {paths: [...], ...})")
     truth = dict(truth)
     kind = truth.pop("kind")
     if kind not in model_registry:
         raise ConfigError(file, "truth.kind", f"unknown model {kind!r} (one of: {', '.join(sorted(model_registry))})")
     cls = model_registry[kind]
     truth_cfg = parse_dataclass(cls.Config, truth, "truth", file)
-    body["truth"] = None
-    case = parse_dataclass(TrainCase, body, "", file)
+    case = parse_dataclass(TrainCase, {**body, "truth": None}, "", file)
     case = dataclasses.replace(case, truth=(kind, truth_cfg))
     for key, val in (("data.spinup", case.data.spinup), ("data.step", case.data.step)):
         duration_seconds(val, file, key)
@@ -167,22 +189,9 @@ def load_train_case(path: str | Path, overrides: tuple[str, ...] = ()) -> tuple[
         raise ConfigError(file, "data.step", f"must be a multiple of the truth model's dt ({dt:g} s)")
     if case.data.validation_runs >= case.data.runs:
         raise ConfigError(file, "data.validation_runs", f"must be < data.runs ({case.data.runs})")
-    bad = [s for s in case.network.static if s not in STATIC_CHANNELS]
-    if bad:
-        raise ConfigError(file, "network.static",
-                          f"unknown static channels {bad} (known: {', '.join(STATIC_CHANNELS)})")
     if len(cls.global_grid(truth_cfg).shape) != 2 or not hasattr(cls, "initial_state"):
         raise ConfigError(file, "truth.kind", f"{kind!r}: training needs a 2-D model with initial_state")
-    if case.crps.iterations and not case.distill.iterations:
-        raise ConfigError(file, "crps.iterations", "CRPS fine-tuning needs the distilled sampler (distill.iterations > 0)")
-    if not case.crps.unroll or min(case.crps.unroll) < 1 or max(case.crps.unroll) >= case.data.samples:
-        raise ConfigError(file, "crps.unroll", f"rollout lengths must be between 1 and data.samples - 1 "
-                          f"(got {list(case.crps.unroll)})")
-    try:
-        network_config(case, 2)
-    except ValueError as e:
-        raise ConfigError(file, "network", str(e)) from None
-    return case, raw
+    return case
 
 
 def network_config(case: TrainCase, nvar: int) -> NetworkConfig:
@@ -263,55 +272,7 @@ def _lr(peak: float, warmup: int, iterations: int, floor: float, it: int) -> flo
     return peak * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(it / iterations, 1.0))))
 
 
-def _periodic(x: torch.Tensor, h: int) -> torch.Tensor:
-    return pad_halo(x, (h, h), (True, True))
-
-
-class _Pairs:
-    """Standardised pairs (condition x_t, target increment) and true rollouts, drawn by a generator."""
-
-    def __init__(self, data: torch.Tensor, stats: dict, static: torch.Tensor, halo: int) -> None:
-        view = (1, 1, -1, 1, 1)
-        self.mean, self.std, self.inc_mean, self.inc_std = (
-            torch.tensor(stats[k]).float().view(view)[0] for k in ("state_mean", "state_std", "inc_mean", "inc_std"))
-        self.data = data
-        self.state = (data[:, :-1] - self.mean) / self.std
-        self.inc = (data[:, 1:] - data[:, :-1] - self.inc_mean) / self.inc_std
-        self.count = self.state.shape[0] * self.state.shape[1]
-        self.static, self.halo = static, halo
-
-    def condition(self, standardised: torch.Tensor) -> torch.Tensor:
-        """The network's condition: the halo-padded standardised state and the static channels."""
-        b = standardised.shape[0]
-        return torch.cat([_periodic(standardised, self.halo), self.static.expand(b, *self.static.shape)], dim=1)
-
-    def batch(self, index: torch.Tensor, shifts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        per = self.state.shape[1]
-        cond, target = self.state[index // per, index % per], self.inc[index // per, index % per]
-        if shifts is not None:
-            cond, target = _shift(cond, shifts), _shift(target, shifts)
-        return target, self.condition(cond)
-
-    def rollout_count(self, steps: int) -> int:
-        return self.data.shape[0] * (self.data.shape[1] - steps)
-
-    def rollout(self, index: torch.Tensor, steps: int, shifts: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """True states (B, C, y, x) at the starts and (steps, B, C, y, x) after 1..steps emulator steps."""
-        per = self.data.shape[1] - steps
-        run, first = index // per, index % per
-        seq = torch.stack([self.data[run, first + k] for k in range(steps + 1)])
-        if shifts is not None:
-            seq = torch.stack([_shift(s, shifts) for s in seq])
-        return seq[0], seq[1:]
-
-
-def _shift(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """Roll sample b of x (B, ...) by shifts[b] along the last axis."""
-    return torch.stack([c.roll(int(s), -1) for c, s in zip(x, shifts)])
-
-
-def _validation_loss(model: Precond, pairs: _Pairs, case: TrainCase) -> float:
+def _validation_loss(model: Precond, pairs: Pairs, case: TrainCase) -> float:
     """EDM loss of `model` on fixed held-out pairs with fixed σ and noise (comparable across time)."""
     g = torch.Generator().manual_seed(case.train.seed + 7919)
     n = min(case.train.validation_pairs, pairs.count)
@@ -319,8 +280,8 @@ def _validation_loss(model: Precond, pairs: _Pairs, case: TrainCase) -> float:
     total = 0.0
     with torch.no_grad():
         for chunk in index.split(16):
-            target, cond = pairs.batch(chunk)
-            total += float(edm_loss(model, target, cond, _periodic, case.edm, g)) * len(chunk)
+            target, cond, mask = pairs.batch(chunk)
+            total += float(edm_loss(pairs.net(model, mask), target, cond, pairs.pad, case.edm, g)) * len(chunk)
     return total / n
 
 
@@ -415,8 +376,13 @@ def _run_stage(stage: _Stage, live: nn.Module, ema: nn.Module, loss_fn: Callable
     return history, wall + time.perf_counter() - t0
 
 
+def _shifting(case: TrainCase, pairs: Pairs) -> bool:
+    """Random shifts along x: asked for, valid for the grid (periodic in x) and the static channels."""
+    return case.train.shift_x and pairs.periodic_x and not any(s.endswith("_x") for s in case.network.static)
+
+
 def _teacher_stage(case: TrainCase, folder: Path, data_key: str, net: nn.Module, model: Precond, ema: Precond,
-                   train_pairs: _Pairs, val_pairs: _Pairs, width: int, resume: bool, file: str,
+                   train_pairs: Pairs, val_pairs: Pairs, width: int, resume: bool, file: str,
                    quiet: bool) -> tuple[list[dict], float, str]:
     """The EDM denoiser (the multi-step sampler's network). Returns history, wall time, digest."""
     t = case.train
@@ -425,13 +391,13 @@ def _teacher_stage(case: TrainCase, folder: Path, data_key: str, net: nn.Module,
                       "edm": dataclasses.asdict(case.edm),
                       "train": {k: v for k, v in dataclasses.asdict(t).items()
                                 if k not in ("iterations", "checkpoint_every", "threads", "validation_pairs")}})
-    shift = t.shift_x and not any(s.endswith("_x") for s in case.network.static)
+    shift = _shifting(case, train_pairs)
 
     def loss(it: int) -> torch.Tensor:
         index = torch.randint(train_pairs.count, (t.batch_size,), generator=gen)
         shifts = torch.randint(width, (t.batch_size,), generator=gen) if shift else None
-        target, cond = train_pairs.batch(index, shifts)
-        return edm_loss(model, target, cond, _periodic, case.edm, gen)
+        target, cond, mask = train_pairs.batch(index, shifts)
+        return edm_loss(train_pairs.net(model, mask), target, cond, train_pairs.pad, case.edm, gen)
 
     stage = _Stage(f"train {case.name}", folder / "train_state.pt", digest, t.iterations, t.checkpoint_every,
                    lambda it: _lr(t.lr, t.warmup, t.iterations, t.final_lr_fraction, it),
@@ -441,8 +407,8 @@ def _teacher_stage(case: TrainCase, folder: Path, data_key: str, net: nn.Module,
     return history, wall, digest
 
 
-def _distill_stage(case: TrainCase, folder: Path, teacher: Precond, teacher_key: str, train_pairs: _Pairs,
-                   val_pairs: _Pairs, width: int, resume: bool, file: str,
+def _distill_stage(case: TrainCase, folder: Path, teacher: Precond, teacher_key: str, train_pairs: Pairs,
+                   val_pairs: Pairs, width: int, resume: bool, file: str,
                    quiet: bool) -> tuple[ConsistencyPrecond, list[dict], float, str]:
     """Consistency distillation of the teacher: the single-step sampler's network (EMA weights)."""
     d = case.distill
@@ -452,21 +418,25 @@ def _distill_stage(case: TrainCase, folder: Path, teacher: Precond, teacher_key:
     student = ConsistencyPrecond(copy.deepcopy(teacher.net).requires_grad_(True), teacher.sigma_data, d.sigma_min)
     ema = copy.deepcopy(student).requires_grad_(False)
     sigmas = ascending_sigmas(d.steps, d.sigma_min, d.sigma_max, d.rho)
-    shift = case.train.shift_x and not any(s.endswith("_x") for s in case.network.static)
+    shift = _shifting(case, train_pairs)
 
     def loss(it: int) -> torch.Tensor:
         index = torch.randint(train_pairs.count, (d.batch_size,), generator=gen)
         shifts = torch.randint(width, (d.batch_size,), generator=gen) if shift else None
-        target, cond = train_pairs.batch(index, shifts)
-        return distillation_loss(student, teacher, target, cond, _periodic, sigmas, gen)
+        target, cond, mask = train_pairs.batch(index, shifts)
+        return distillation_loss(train_pairs.net(student, mask), train_pairs.net(teacher, mask), target, cond,
+                                 train_pairs.pad, sigmas, gen)
 
     def validate() -> float:
         g = torch.Generator().manual_seed(case.train.seed + 7919)
         index = torch.randperm(val_pairs.count, generator=g)[:min(case.train.validation_pairs, val_pairs.count)]
+        total = 0.0
         with torch.no_grad():
-            losses = [float(distillation_loss(ema, teacher, *val_pairs.batch(c), _periodic, sigmas, g)) * len(c)
-                      for c in index.split(16)]
-        return sum(losses) / len(index)
+            for chunk in index.split(16):
+                target, cond, mask = val_pairs.batch(chunk)
+                total += float(distillation_loss(val_pairs.net(ema, mask), val_pairs.net(teacher, mask), target,
+                                                 cond, val_pairs.pad, sigmas, g)) * len(chunk)
+        return total / len(index)
 
     stage = _Stage("distill", folder / "distill_state.pt", digest, d.iterations, d.checkpoint_every,
                    lambda it: _lr(d.lr, d.warmup, d.iterations, 0.1, it), lambda it: min(d.ema, (1 + it) / (10 + it)))
@@ -475,7 +445,7 @@ def _distill_stage(case: TrainCase, folder: Path, teacher: Precond, teacher_key:
 
 
 def _crps_stage(case: TrainCase, folder: Path, distilled: ConsistencyPrecond, distill_key: str,
-                train_pairs: _Pairs, val_pairs: _Pairs, width: int, resume: bool, file: str,
+                train_pairs: Pairs, val_pairs: Pairs, width: int, resume: bool, file: str,
                 quiet: bool) -> tuple[ConsistencyPrecond, list[dict], float]:
     """Autoregressive fine-tuning of the single-step sampler with the fair CRPS over unrolled steps."""
     c = case.crps
@@ -486,13 +456,19 @@ def _crps_stage(case: TrainCase, folder: Path, distilled: ConsistencyPrecond, di
                       "iterations": c.iterations})
     live = copy.deepcopy(distilled).requires_grad_(True)
     ema = copy.deepcopy(distilled).requires_grad_(False)
-    shift = case.train.shift_x and not any(s.endswith("_x") for s in case.network.static)
+    shift = _shifting(case, train_pairs)
     p = train_pairs
 
-    def stepper(model: ConsistencyPrecond) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def stepper(model: ConsistencyPrecond, mask: torch.Tensor | None
+                ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """One emulator step of the M·B members; points outside `mask` (B, C, y, x) are held fixed."""
+        keep = None if mask is None else mask.repeat(c.members, 1, 1, 1)
+        run = p.net(model, keep)
+
         def step(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
             cond = p.condition((x - p.mean) / p.std)
-            return x + p.inc_mean + p.inc_std * one_step_sample(model, z, sigma_max, cond, _periodic)
+            out = x + p.inc_mean + p.inc_std * one_step_sample(run, z, sigma_max, cond, p.pad)
+            return out if keep is None else torch.where(keep, out, x)
         return step
 
     def loss(it: int) -> torch.Tensor:
@@ -501,18 +477,18 @@ def _crps_stage(case: TrainCase, folder: Path, distilled: ConsistencyPrecond, di
         b = max(1, c.rollout_pairs // steps)
         index = torch.randint(p.rollout_count(steps), (b,), generator=gen)
         shifts = torch.randint(width, (b,), generator=gen) if shift else None
-        start, truth = p.rollout(index, steps, shifts)
+        start, truth, mask = p.rollout(index, steps, shifts)
         noise = lambda k: torch.randn((c.members * b, *start.shape[1:]), generator=gen)  # noqa: E731
-        return rollout_crps(stepper(live), start, truth, c.members, noise, p.std)
+        return rollout_crps(stepper(live, mask), start, truth, c.members, noise, p.std)
 
     def validate() -> float:
         g = torch.Generator().manual_seed(case.train.seed + 7919)
         n = min(c.validation_states, val_pairs.rollout_count(2))
         index = torch.randperm(val_pairs.rollout_count(2), generator=g)[:n]
-        start, truth = val_pairs.rollout(index, 2)
+        start, truth, mask = val_pairs.rollout(index, 2)
         noise = lambda k: torch.randn((c.members * n, *start.shape[1:]), generator=g)  # noqa: E731
         with torch.no_grad():
-            return float(rollout_crps(stepper(ema), start, truth, c.members, noise, p.std))
+            return float(rollout_crps(stepper(ema, mask), start, truth, c.members, noise, p.std))
 
     stage = _Stage("crps", folder / "crps_state.pt", digest, c.iterations, c.checkpoint_every,
                    lambda it: _lr(c.lr, c.warmup, c.iterations, 0.1, it), lambda it: min(c.ema, (1 + it) / (10 + it)))
@@ -520,18 +496,22 @@ def _crps_stage(case: TrainCase, folder: Path, distilled: ConsistencyPrecond, di
     return ema, history, wall
 
 
-def train_from_case(path: str | Path, overrides: tuple[str, ...] | list[str] = (), out: str | Path | None = None,
-                    resume: bool = True, quiet: bool = False) -> Path:
-    """Train the emulator a training case describes; returns the path of the final checkpoint.
+@dataclass(frozen=True)
+class _Source:
+    """The training data as the stages and the checkpoint see it: truth runs or an archive."""
 
-    Stages: the EDM teacher, then (when configured) consistency distillation and CRPS fine-tuning of
-    the single-step sampler. Each resumes from its `OUT/*_state.pt` when present and `resume`."""
-    case, raw = load_train_case(path, tuple(overrides))
-    file = str(path)
-    t = case.train
-    torch.set_num_threads(t.threads)
-    folder = Path(out or case.out or f"out/{case.name}")
-    folder.mkdir(parents=True, exist_ok=True)
+    key: str  # digest of the data, part of every stage's digest
+    stats: dict[str, tuple[float, ...]]
+    variables: tuple[tuple[str, str, str], ...]  # (name, units, long_name)
+    grid_shape: tuple[int, int]
+    periodic: tuple[bool, bool]  # the checkpoint's (y, x) periodicity
+    dt_seconds: float
+    pairs: Callable[[torch.Tensor, int, int], tuple[Pairs, Pairs]]  # (static, halo, alignment) -> training, validation
+    training: dict  # what the checkpoint's training metadata records of the data
+
+
+def _truth_source(case: TrainCase, folder: Path, quiet: bool) -> _Source:
+    """Truth runs of the reference model (cached in `folder/data.pt`); the last runs are held out."""
     kind, truth_cfg = case.truth
     cls = model_registry[kind]
     grid = cls.global_grid(truth_cfg)
@@ -546,36 +526,90 @@ def train_from_case(path: str | Path, overrides: tuple[str, ...] | list[str] = (
         _atomic_save({"digest": data_key, "data": data}, cache)
     nval = case.data.validation_runs
     stats = statistics(data[:-nval])
-    nvar = data.shape[2]
-    net_cfg = network_config(case, nvar)
+    variables = tuple((v.name, v.units, v.long_name) for v in cls.variables)
+    return _Source(data_key, stats, variables, tuple(grid.shape), tuple(grid.periodic),
+                   duration_seconds(case.data.step, "", ""),
+                   lambda static, h, a: (TruthPairs(data[:-nval], stats, static, h, a),
+                                         TruthPairs(data[-nval:], stats, static, h, a)),
+                   {"truth_model": kind})
+
+
+def _archive_source(case: TrainCase, archive: Archive, folder: Path) -> _Source:
+    """An open archive: lat-lon, x periodic only when the longitudes cover 360°; the statistics are
+    cached in `folder/stats.pt` (one pass over the training split)."""
+    meta = archive.metadata()
+    key = _digest({"archive": dataclasses.asdict(case.archive), "metadata": meta,
+                   "times": [str(archive.times[0]), str(archive.times[-1]), len(archive.times)],
+                   "pairs": [archive.pair_count(s) for s in SPLITS]})
+    cache = folder / "stats.pt"
+    stats = None
+    if cache.is_file():
+        blob = torch.load(cache, weights_only=True)
+        stats = blob["stats"] if blob.get("digest") == key else None
+    if stats is None:
+        stats = {k: v for k, v in archive.statistics().items() if k != "mask"}
+        _atomic_save({"digest": key, "stats": stats}, cache)
+    periodic = (False, lon_periodic(archive.lon))
+    return _Source(key, stats, archive.variables, archive.grid_shape, periodic, archive.step_seconds,
+                   lambda static, h, a: tuple(ArchivePairs(archive, s, stats, static, h, a, periodic) for s in SPLITS),
+                   {"archive": meta})
+
+
+def train_from_case(path: str | Path, overrides: tuple[str, ...] | list[str] = (), out: str | Path | None = None,
+                    resume: bool = True, quiet: bool = False) -> Path:
+    """Train the emulator a training case describes; returns the path of the final checkpoint.
+
+    Stages: the EDM teacher, then (when configured) consistency distillation and CRPS fine-tuning of
+    the single-step sampler. Each resumes from its `OUT/*_state.pt` when present and `resume`."""
+    case, raw = load_train_case(path, tuple(overrides))
+    file = str(path)
+    torch.set_num_threads(case.train.threads)
+    folder = Path(out or case.out or f"out/{case.name}")
+    if case.archive is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        return _train(case, raw, file, folder, _truth_source(case, folder, quiet), resume, quiet)
+    with open_archive(case.archive, Path(file).parent, file) as archive:
+        folder.mkdir(parents=True, exist_ok=True)
+        return _train(case, raw, file, folder, _archive_source(case, archive, folder), resume, quiet)
+
+
+def _train(case: TrainCase, raw: dict, file: str, folder: Path, source: _Source, resume: bool, quiet: bool) -> Path:
+    """The stages on `source`'s pairs, then the checkpoint, `config.yaml` and `loss.png` in `folder`."""
+    t = case.train
+    net_cfg = network_config(case, len(source.variables))
     with torch.random.fork_rng(devices=[]):  # deterministic initialisation, global RNG left untouched
         torch.manual_seed(t.seed)
         net = UNetLite(net_cfg)
-    h = net.receptive_halo
-    static = static_fields(case.network.static, grid.shape, (-h, grid.shape[0] + h), (-h, grid.shape[1] + h))
-    train_pairs, val_pairs = _Pairs(data[:-nval], stats, static, h), _Pairs(data[-nval:], stats, static, h)
+    h, a = net.receptive_halo, net.alignment
+    ny, nx = source.grid_shape
+    gy, gx = (-(-n // a) * a for n in (ny, nx))
+    # on the network's window, as the emulator's: the grid grown to multiples of the alignment, plus the halo
+    static = static_fields(case.network.static, (ny, nx), (-h, gy + h), (-h, gx + h))
+    train_pairs, val_pairs = source.pairs(static, h, a)
+    if case.crps.iterations:
+        for pairs, steps, name in ((train_pairs, max(case.crps.unroll), "training"), (val_pairs, 2, "validation")):
+            if not pairs.rollout_count(steps):
+                raise ConfigError(file, "crps.unroll", f"the {name} data hold no {steps} consecutive steps to unroll")
     model = Precond(net, case.edm.sigma_data)
     ema = copy.deepcopy(model).requires_grad_(False)
-    width = grid.shape[1]
     histories: dict[str, list[dict]] = {}
     walls: dict[str, float] = {}
-    histories["teacher"], walls["teacher"], key = _teacher_stage(case, folder, data_key, net, model, ema, train_pairs,
-                                                                 val_pairs, width, resume, file, quiet)
+    histories["teacher"], walls["teacher"], key = _teacher_stage(case, folder, source.key, net, model, ema,
+                                                                 train_pairs, val_pairs, nx, resume, file, quiet)
     if not histories["teacher"]:
         raise ConfigError(file, "train.iterations", "nothing to do")
     single = None
     if case.distill.iterations:
         single, histories["distill"], walls["distill"], key = _distill_stage(
-            case, folder, ema, key, train_pairs, val_pairs, width, resume, file, quiet)
+            case, folder, ema, key, train_pairs, val_pairs, nx, resume, file, quiet)
         if case.crps.iterations:
             single, histories["crps"], walls["crps"] = _crps_stage(case, folder, single, key, train_pairs, val_pairs,
-                                                                   width, resume, file, quiet)
-    variables = tuple((v.name, v.units, v.long_name) for v in cls.variables)
+                                                                   nx, resume, file, quiet)
     final = histories["teacher"][-1]
     training = {"case": case.name, "iterations": t.iterations, "final_loss": final["loss"],
                 "final_validation_loss": final["validation"], "wall_seconds": round(sum(walls.values()), 1),
                 "stage_wall_seconds": {k: round(v, 1) for k, v in walls.items()},
-                "parameters": parameter_count(net), "truth_model": kind, "seed": t.seed}
+                "parameters": parameter_count(net), **source.training, "seed": t.seed}
     single_step = None
     if single is not None:
         last = histories.get("crps") or histories["distill"]
@@ -584,12 +618,11 @@ def train_from_case(path: str | Path, overrides: tuple[str, ...] | list[str] = (
                        "training": {"distill_iterations": case.distill.iterations,
                                     "crps_iterations": case.crps.iterations, "final_validation": last[-1]["validation"]}}
     ckpt = save_checkpoint(folder / "checkpoint.pt", network_config=net_cfg, state_dict=ema.net.state_dict(),
-                           sigma_data=case.edm.sigma_data, variables=variables, grid_shape=grid.shape,
-                           periodic=grid.periodic, static=case.network.static,
-                           dt_seconds=duration_seconds(case.data.step, "", ""), stats=stats, training=training,
-                           single_step=single_step)
+                           sigma_data=case.edm.sigma_data, variables=source.variables, grid_shape=source.grid_shape,
+                           periodic=source.periodic, static=case.network.static, dt_seconds=source.dt_seconds,
+                           stats=source.stats, training=training, single_step=single_step)
     info = {"checkpoint": ckpt.name, "case": raw, "network": net_cfg.to_dict(), "receptive_halo": h,
-            "alignment": net.alignment, "dt_seconds": duration_seconds(case.data.step, "", ""), "stats": stats,
+            "alignment": net.alignment, "dt_seconds": source.dt_seconds, "stats": source.stats,
             "training": training, "history": histories}
     (folder / "config.yaml").write_text(yaml.safe_dump(info, sort_keys=False), encoding="utf-8")
     _plot_losses(histories, folder / "loss.png")

@@ -20,9 +20,10 @@ from assim.synthetic import SyntheticObserver
 from emulators.registry import model_registry
 from twin.config import CaseConfig, ConfigError, load_case
 from twin.domain import make_domain
+from twin.initial import data_model, load_initial
 from twin.nature import NatureRun
 from twin.random import Streams
-from twin.record import RunRecorder, partial_sums, scores_from_sums
+from twin.record import RunRecorder, partial_sums, scores_from_sums, state_weights
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 CHECKPOINT_FORMAT = 1
@@ -46,17 +47,27 @@ class Twin:
         self.case = case
         self.dtype = DTYPES[case.run.dtype]
         model_cls = model_registry[case.model.kind]
-        self.grid = model_cls.global_grid(case.model.config)
+        self.initial = None if case.initial is None else load_initial(  # real data: grid and members from a file
+            case.initial, case.ensemble.size, case.ensemble.init_spread, f"case {case.name}", start=case.run.start)
+        self.grid = model_cls.global_grid(case.model.config) if self.initial is None else self.initial.grid
         self.domain = make_domain(self.grid, case.domain.decomposition, comm)
-        self.model = model_cls(case.model.config, self.domain, self.dtype)
+        self.model = (model_cls(case.model.config, self.domain, self.dtype) if self.initial is None else
+                      data_model(model_cls, case, self.domain, self.dtype, self.initial))
         truth_spec = case.truth.model
         self.truth_model = (self.model if truth_spec is None else
                             model_registry[truth_spec.kind](truth_spec.config, self.domain, self.dtype))
         self.stages = [stage_registry[s.method](s.config) for s in case.assimilation.stages]
+        # a learned-inpainting stage needs each member's state before the last forecast step
+        self._keep_previous = any(getattr(s, "needs_inpainter", False) for s in self.stages)
+        if self._keep_previous and not hasattr(self.model, "inpainter"):
+            raise ConfigError(f"case {case.name}", "assimilation.stages",
+                              f"repaint needs a model with a learned prior (kind: diffusion), not {case.model.kind!r}")
+        self.previous: tuple[torch.Tensor, float] | None = None
         self.ensemble_streams = Streams(case.ensemble.seed)
         self.observer = SyntheticObserver(
             self.grid, len(self.model.variables), case.observations.operator, case.observations.error_std,
-            case.observations.fraction, Streams(case.observations.seed), self.dtype, self.domain)
+            case.observations.fraction, Streams(case.observations.seed), self.dtype, self.domain,
+            self._observable(case))
         self.file_observations = None
         obs_cfg = case.observations
         if obs_cfg.path is not None:
@@ -68,18 +79,24 @@ class Twin:
                 time_unit_seconds=self.model.time_unit_seconds, default_error_std=obs_cfg.error_std,
                 half_width=obs_cfg.time_window or cycle_length / 2, gross_error_k=obs_cfg.gross_error_k,
                 dtype=self.dtype)
+        weights, valid = state_weights(self.grid, len(self.model.variables))
         self.recorder = RunRecorder(members=case.ensemble.size, output_every=case.output.every,
-                                    keep_members=case.output.members == "all", burn_in=case.run.burn_in)
+                                    keep_members=case.output.members == "all", burn_in=case.run.burn_in,
+                                    weights=weights, valid=valid)
         self.cycle = 0
         self.time = 0.0
         try:
             self.truth_steps_per_cycle
         except ValueError as e:
             raise ConfigError(f"case {case.name}", "observations.every", str(e)) from None
-        truth0 = self._spun_up_truth()
-        self.nature = NatureRun(self.truth_model, self.observer, truth0, self.truth_steps_per_cycle,
-                                cycle_length=self.cycle_length)
-        self.ensemble = self._initial_ensemble(truth0)
+        self.nature: NatureRun | None = None  # no truth with `initial:`: truth-dependent metrics are null
+        if self.initial is None:
+            truth0 = self._spun_up_truth()
+            self.nature = NatureRun(self.truth_model, self.observer, truth0, self.truth_steps_per_cycle,
+                                    cycle_length=self.cycle_length)
+            self.ensemble = self._initial_ensemble(truth0)
+        else:
+            self.ensemble = self.initial.ensemble(self.ensemble_streams, self.domain, case.ensemble.size, self.dtype)
         self.loop_seconds = 0.0
 
     @classmethod
@@ -87,6 +104,29 @@ class Twin:
         return cls(load_case(path, tuple(overrides)))
 
     # ------------------------------------------------------------ set-up
+
+    def _observable(self, case: CaseConfig) -> torch.Tensor | None:
+        """Flat (variable, *grid) mask of the state synthetic observations may sample, from
+        `observations.variables` and `observations.region`; None when both are unset."""
+        cfg = case.observations
+        if cfg.variables is None and cfg.region is None:
+            return None
+        names = [v.name for v in self.model.variables]
+        chosen = cfg.variables if cfg.variables is not None else names
+        unknown = [v for v in chosen if v not in names]
+        if unknown or not chosen:
+            raise ConfigError(f"case {case.name}", "observations.variables",
+                              f"unknown or no variables {unknown} (the model has: {', '.join(names)})")
+        box = torch.ones(self.grid.shape, dtype=torch.bool)
+        if cfg.region is not None:
+            if len(cfg.region) != self.grid.ndim or any(
+                    len(r) != 2 or not 0 <= r[0] < r[1] <= n for r, n in zip(cfg.region, self.grid.shape)):
+                raise ConfigError(f"case {case.name}", "observations.region",
+                                  f"need one [start, stop] per grid axis within the grid {list(self.grid.shape)} "
+                                  f"(got {[list(r) for r in cfg.region]})")
+            box = torch.zeros(self.grid.shape, dtype=torch.bool)
+            box[tuple(slice(a, b) for a, b in cfg.region)] = True
+        return torch.stack([box.reshape(-1) & (name in chosen) for name in names]).reshape(-1)
 
     def _local_normals(self, streams: Streams, purpose: str, keys: tuple[int, ...], members: int) -> torch.Tensor:
         return streams.field_normal(purpose, keys, members, len(self.model.variables),
@@ -129,9 +169,9 @@ class Twin:
         return int(round(ratio))
 
     @property
-    def truth(self) -> torch.Tensor:
-        """The true state at the current cycle (synthetic-truth experiments)."""
-        return self.nature.truth(self.cycle)
+    def truth(self) -> torch.Tensor | None:
+        """The true state at the current cycle (synthetic-truth experiments; None on real data)."""
+        return None if self.nature is None else self.nature.truth(self.cycle)
 
     def observe(self) -> ObservationBatch:
         """The observations of the current cycle: from the file, else synthetic from the truth."""
@@ -147,7 +187,8 @@ class Twin:
                 obs = self.file_observations.screen_background(obs, self.ensemble)
         prior = self.ensemble
         ens = prior
-        ctx = AnalysisContext(self.grid, self.domain, self.ensemble_streams, self.cycle)
+        inpainter = self.model.inpainter(*self.previous) if self.previous is not None else None
+        ctx = AnalysisContext(self.grid, self.domain, self.ensemble_streams, self.cycle, inpainter)
         for stage in self.stages:
             ens = stage(ens, obs, ctx)
         self.ensemble = ens
@@ -161,10 +202,12 @@ class Twin:
         """Under MPI the scores are partial sums reduced across ranks (one small all-reduce); the
         fields and observations are gathered to rank 0 at output cycles only."""
         dom = self.domain
-        scores, rank_counts = scores_from_sums(dom.allreduce(partial_sums(prior, ens, self.truth, obs)))
+        weights = state_weights(self.grid, len(self.model.variables), dom.local_slices)
+        scores, rank_counts = scores_from_sums(dom.allreduce(partial_sums(prior, ens, self.truth, obs, *weights)))
         outputs = None
         if self.cycle % self.case.output.every == 0:
-            prior_g, ens_g, truth_g = dom.gather(prior), dom.gather(ens), dom.gather(self.truth)
+            prior_g, ens_g = dom.gather(prior), dom.gather(ens)
+            truth_g = None if self.nature is None else dom.gather(self.truth)
             parts = dom.allgather_object((obs.ids.numpy(), obs.values.numpy(), obs.error_std.numpy()))
             if dom.rank == 0:
                 outputs = (prior_g, ens_g, truth_g, self._global_observations(obs, parts))
@@ -184,9 +227,15 @@ class Twin:
         """Advance the ensemble `observations.every` model steps to the next cycle."""
         x = self.ensemble
         for i in range(self.steps_per_cycle):
-            x = self.model.step(x, self.time + i * self.model.dt)
+            t = self.time + i * self.model.dt
+            if self._keep_previous and i == self.steps_per_cycle - 1:
+                self.previous = (x, t)
+            x = self.model.step(x, t)
+        if self.grid.mask is not None:  # models know nothing of the mask: masked points keep their fill
+            x = torch.where(self.grid.mask_tensor()[self.domain.local_slices], x, x.new_zeros(()))
         self.ensemble = x
-        self.nature.release(self.cycle)
+        if self.nature is not None:
+            self.nature.release(self.cycle)
         self.cycle += 1
         self.time += self.steps_per_cycle * self.model.dt
         return self.ensemble
@@ -213,7 +262,7 @@ class Twin:
         ahead = max(1, min(NATURE_AHEAD_CYCLES, NATURE_AHEAD_ELEMENTS // max(1, self.ensemble[0].numel())))
         start = _time.perf_counter()
         for _ in range(n):
-            if (self.cycle - first) % ahead == 0:
+            if self.nature is not None and (self.cycle - first) % ahead == 0:
                 self.loop_seconds += _time.perf_counter() - start  # the nature run is not the filter's time
                 self.nature.prepare(self.cycle, min(end, self.cycle + ahead), self.file_observations is None)
                 start = _time.perf_counter()
@@ -237,7 +286,9 @@ class Twin:
         The records since the previous checkpoint go to a numbered chunk file next to `path`, so
         each checkpoint costs what it adds, not the whole history.
         """
-        ensemble, truth = self.domain.gather(self.ensemble), self.domain.gather(self.truth)
+        ensemble = self.domain.gather(self.ensemble)
+        truth = None if self.nature is None else self.domain.gather(self.truth)
+        previous = None if self.previous is None else self.domain.gather(self.previous[0])
         if self.domain.rank != 0:
             return
         from twin.config import case_to_dict
@@ -252,7 +303,8 @@ class Twin:
         marks = {"chunks": marks["chunks"] + 1, "lengths": self.recorder.lengths(), "path": path}
         state = {"format": CHECKPOINT_FORMAT, "config": case_to_dict(self.case), "cycle": self.cycle,
                  "time": self.time, "ensemble": ensemble, "truth": truth, "loop_seconds": self.loop_seconds,
-                 "chunks": marks["chunks"], "rank_counts": self.recorder.rank_counts}
+                 "chunks": marks["chunks"], "rank_counts": self.recorder.rank_counts,
+                 "previous": None if previous is None else (previous, self.previous[1])}
         with atomic_output(path) as tmp:
             torch.save(state, tmp)
         self._checkpoint_marks = marks
@@ -272,15 +324,20 @@ class Twin:
                     error = f"{path}: not an EarthTwin checkpoint of format {CHECKPOINT_FORMAT}"
                 elif state["config"] != case_to_dict(self.case):
                     error = f"{path}: written for a different configuration of case {self.case.name!r}"
-        meta = None if state is None or error else (state["cycle"], state["time"], state["loop_seconds"])
+        meta = None if state is None or error else (state["cycle"], state["time"], state["loop_seconds"],
+                                                    state.get("previous") is not None)
         error, meta = self.domain.bcast_object((error, meta))
         if error:
             raise CheckpointError(error)
-        self.cycle, self.time, self.loop_seconds = meta
+        self.cycle, self.time, self.loop_seconds, has_previous = meta
+        if has_previous:
+            previous = self.domain.scatter(None if state is None else state["previous"][0])
+            self.previous = (previous, self.domain.bcast_object(None if state is None else state["previous"][1]))
         self.ensemble = self.domain.scatter(None if state is None else state["ensemble"])
-        truth = self.domain.scatter(None if state is None else state["truth"])
-        self.nature = NatureRun(self.truth_model, self.observer, truth, self.truth_steps_per_cycle, self.cycle,
-                                cycle_length=self.cycle_length)
+        if self.nature is not None:
+            truth = self.domain.scatter(None if state is None else state["truth"])
+            self.nature = NatureRun(self.truth_model, self.observer, truth, self.truth_steps_per_cycle, self.cycle,
+                                    cycle_length=self.cycle_length)
         if state is not None:
             path = Path(path)
             for i in range(state["chunks"]):
@@ -313,10 +370,11 @@ class Twin:
         full = self.domain.gather(self.ensemble)
         if full is None:
             raise RuntimeError("Twin.state is available on rank 0 only")
+        from twin.io import grid_coordinates, mask_fields
+
         arr = full.detach().cpu().numpy()
-        coords = {"member": np.arange(arr.shape[0])}
-        for axis, dim in enumerate(self.grid.dims):
-            coords[dim] = self.grid.axis_values(axis)
+        coords = {"member": np.arange(arr.shape[0]), **grid_coordinates(self.grid)}
         data = {v.name: (("member",) + self.grid.dims, arr[:, i], {"units": v.units, "long_name": v.long_name})
                 for i, v in enumerate(self.model.variables)}
-        return xr.Dataset(data, coords=coords, attrs={"model_time": self.time, "cycle": self.cycle})
+        ds = xr.Dataset(data, coords=coords, attrs={"model_time": self.time, "cycle": self.cycle})
+        return mask_fields(ds, self.grid)  # masked points are NaN
