@@ -1,7 +1,5 @@
 """The single-step sampler: consistency parametrisation, distillation against an exact teacher, the
 fair-CRPS rollout loss, checkpoints that carry it, the emulator using it, and the training stages."""
-from pathlib import Path
-
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -9,7 +7,8 @@ from hypothesis import given, settings, strategies as st
 from emulators.diffusion import CheckpointMismatch, load_checkpoint
 from emulators.diffusion.consistency import (ConsistencyPrecond, ascending_sigmas, distillation_loss,
                                               fair_crps_loss, rollout_crps)
-from test_diffusion import TINY, make_emulator, periodic, random_net, train_case, write_checkpoint
+from test_diffusion import (TINY, interrupted_at, make_emulator, periodic, random_net, train_case,
+                            write_checkpoint)
 
 torch.set_num_threads(1)
 
@@ -125,17 +124,8 @@ def test_training_stages_write_a_single_step_sampler_and_resume_exactly(tmp_path
     assert ck.single_step is not None and ck.training["stage_wall_seconds"].keys() == {"teacher", "distill", "crps"}
     em = make_emulator(straight, sampler="single_step")
     assert torch.isfinite(em.step(torch.randn(2, 2, 32, 32, dtype=torch.float64), 0.0)).all()
-    real_save = train._atomic_save
-
-    def crash_in_crps(obj, path):
-        real_save(obj, path)
-        if Path(path).name == "crps_state.pt":
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "_atomic_save", crash_in_crps)
-    with pytest.raises(KeyboardInterrupt):
-        train.train_from_case(train_case(tmp_path), overrides(), out=tmp_path / "b", quiet=True)
-    monkeypatch.setattr(train, "_atomic_save", real_save)
+    interrupted_at(monkeypatch, "crps_state.pt",
+                   lambda: train.train_from_case(train_case(tmp_path), overrides(), out=tmp_path / "b", quiet=True))
     resumed = load_checkpoint(train.train_from_case(train_case(tmp_path), overrides(), out=tmp_path / "b",
                                                     quiet=True))
     a, b = ck.single_step["state_dict"], resumed.single_step["state_dict"]

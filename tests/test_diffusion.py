@@ -212,6 +212,25 @@ class ThreadedTiles:
     def domain(self, rank):
         return _Tile(self, rank)
 
+    def run(self, work):
+        """`work(domain)` on every tile in its own thread; returns {rank: result}, re-raising failures."""
+        results, errors = {}, []
+
+        def one(rank):
+            try:
+                results[rank] = work(self.domain(rank))
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=one, args=(r,)) for r in range(len(self.tiles))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        return results
+
 
 class _Tile:
     def __init__(self, group, rank):
@@ -266,23 +285,7 @@ def test_decomposed_step_equals_serial_step(tmp_path, rows, cols):
     x = torch.randn(2, 2, 32, 32, dtype=torch.float64) * 5
     serial = make_emulator(path).step(x, 3 * 21600.0)
     group = ThreadedTiles(grid, rows, cols)
-    results, errors = {}, []
-
-    def work(rank):
-        try:
-            dom = group.domain(rank)
-            em = make_emulator(path, dom)
-            results[rank] = em.step(x[(..., *dom.local_slices)], 3 * 21600.0)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-            group.barrier.abort()
-
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(len(group.tiles))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = group.run(lambda dom: make_emulator(path, dom).step(x[(..., *dom.local_slices)], 3 * 21600.0))
     for r, (ys, xs) in enumerate(group.tiles):
         torch.testing.assert_close(results[r], serial[..., ys, xs], atol=1e-9, rtol=0)
 
@@ -338,21 +341,29 @@ def test_training_smoke_run_writes_a_usable_checkpoint(tmp_path):
     assert torch.isfinite(em.step(x, 0.0)).all()
 
 
+def interrupted_at(monkeypatch, state_file, run):
+    """Run `run()` with training crashing right after it first writes `state_file`; then undo the crash."""
+    import twin.train as train
+
+    real_save = train._atomic_save
+
+    def crash(obj, path):
+        real_save(obj, path)
+        if Path(path).name == state_file:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_atomic_save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(train, "_atomic_save", real_save)
+
+
 def test_interrupted_training_resumes_exactly(tmp_path, monkeypatch):
     import twin.train as train
 
     straight = train.train_from_case(train_case(tmp_path), out=tmp_path / "a", quiet=True)
-    real_save = train._atomic_save
-
-    def crash_after_first_resume_point(obj, path):
-        real_save(obj, path)
-        if Path(path).name == "train_state.pt":
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "_atomic_save", crash_after_first_resume_point)
-    with pytest.raises(KeyboardInterrupt):
-        train.train_from_case(train_case(tmp_path), out=tmp_path / "b", quiet=True)
-    monkeypatch.setattr(train, "_atomic_save", real_save)
+    interrupted_at(monkeypatch, "train_state.pt",
+                   lambda: train.train_from_case(train_case(tmp_path), out=tmp_path / "b", quiet=True))
     assert not (tmp_path / "b" / "checkpoint.pt").exists()
     resumed = train.train_from_case(train_case(tmp_path), out=tmp_path / "b", quiet=True)
     a, b = load_checkpoint(straight).state_dict, load_checkpoint(resumed).state_dict

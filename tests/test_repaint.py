@@ -1,6 +1,4 @@
 """Learned inpainting (RePaint with the emulator) and region/variable-restricted synthetic observations."""
-import threading
-
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -46,23 +44,12 @@ def test_decomposed_inpainting_equals_serial(tmp_path_factory, cut, seed):
     serial = make_emulator(path).inpainter(prev, 0.0)(field, known)
     em0 = make_emulator(path)
     group = ThreadedTiles(em0.grid, *cut)
-    results, errors = {}, []
 
-    def work(rank):
-        try:
-            dom = group.domain(rank)
-            sl = (..., *dom.local_slices)
-            results[rank] = make_emulator(path, dom).inpainter(prev[sl], 0.0)(field[sl], known[sl])
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-            group.barrier.abort()
+    def work(dom):
+        sl = (..., *dom.local_slices)
+        return make_emulator(path, dom).inpainter(prev[sl], 0.0)(field[sl], known[sl])
 
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(len(group.tiles))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = group.run(work)
     for r, (ys, xs) in enumerate(group.tiles):
         torch.testing.assert_close(results[r], serial[..., ys, xs], atol=1e-9, rtol=0)
 

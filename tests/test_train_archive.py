@@ -6,10 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from test_archive import LAND, NX, TAU_H, config, make, series, write
-from test_diffusion import make_emulator
+from test_diffusion import interrupted_at, make_emulator
 
 from emulators.diffusion.checkpoint import load_checkpoint
 from twin.archive import open_archive
@@ -67,17 +66,7 @@ def test_interrupted_archive_training_resumes_exactly(tmp_path, monkeypatch):
     case = archive_case(tmp_path, CASE.replace("distill: {iterations: 2", "distill: {iterations: 0")
                         .replace("crps: {iterations: 2", "crps: {iterations: 0"))
     straight = train.train_from_case(case, out=tmp_path / "a", quiet=True)
-    real_save = train._atomic_save
-
-    def crash_after_first_resume_point(obj, path):
-        real_save(obj, path)
-        if Path(path).name == "train_state.pt":
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "_atomic_save", crash_after_first_resume_point)
-    with pytest.raises(KeyboardInterrupt):
-        train.train_from_case(case, out=tmp_path / "b", quiet=True)
-    monkeypatch.setattr(train, "_atomic_save", real_save)
+    interrupted_at(monkeypatch, "train_state.pt", lambda: train.train_from_case(case, out=tmp_path / "b", quiet=True))
     assert (tmp_path / "b" / "train_state.pt").is_file() and not (tmp_path / "b" / "checkpoint.pt").exists()
     resumed = train.train_from_case(case, out=tmp_path / "b", quiet=True)
     a, b = load_checkpoint(straight).state_dict, load_checkpoint(resumed).state_dict
