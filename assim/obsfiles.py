@@ -1,6 +1,9 @@
 """Observation files: CF discrete sampling geometry netCDF (point, timeSeries) and CSV tables.
 
 `read_observations` returns an `ObservationTable` of numpy arrays in model time and grid coordinates.
+Station ids come from a CSV column `station` or a netCDF variable with `cf_role: timeseries_id`;
+station altitudes (m) from a CSV column `altitude` (or `elevation`, `height`, ...) in metres, or a
+netCDF variable with `standard_name: altitude` (or named so) in m or km.
 Every problem with a file raises `ObservationFileError` whose message is one line starting with the
 path and naming the variable or column at fault. Only `twin/domain.py` is imported from `twin/`.
 """
@@ -28,6 +31,8 @@ _LENGTH = {**dict.fromkeys(("m", "meter", "meters", "metre", "metres"), 1.0), "k
 _DEGREES = {"lat": {"degrees_north", "degree_north", "degree_n", "degrees_n", "degrees", "degree"},
             "lon": {"degrees_east", "degree_east", "degree_e", "degrees_e", "degrees", "degree"}}
 _ALIASES = {"lat": ("lat", "latitude"), "lon": ("lon", "longitude", "long")}
+_ALTITUDE_NAMES = ("altitude", "station_altitude", "alt", "elevation", "station_elevation", "height")
+_ALTITUDE_STD = ("altitude", "surface_altitude", "height_above_mean_sea_level")
 
 
 class ObservationFileError(ValueError):
@@ -41,7 +46,8 @@ def _fail(path: Any, msg: str) -> ObservationFileError:
 
 @dataclass(frozen=True)
 class ObservationTable:
-    """Observations as parallel numpy arrays (n rows); `station` is '' where the file names none."""
+    """Observations as parallel numpy arrays (n rows); `station` is '' where the file names none,
+    `height` (station altitude, m) NaN where it gives none (None builds that NaN column)."""
 
     time: np.ndarray  # (n,) float64 model time
     locations: np.ndarray  # (n, ndim) float64 grid coordinates
@@ -50,6 +56,11 @@ class ObservationTable:
     error_std: np.ndarray  # (n,) float64
     ids: np.ndarray  # (n,) int64 observation ids
     station: np.ndarray  # (n,) str (object array)
+    height: np.ndarray | None = None  # (n,) float64 station altitude in m, NaN where unknown
+
+    def __post_init__(self) -> None:
+        if self.height is None:
+            object.__setattr__(self, "height", np.full(self.value.shape[0], np.nan))
 
     def __len__(self) -> int:
         return int(self.value.shape[0])
@@ -136,6 +147,14 @@ def _coord_scale(path: Path, name: str, found: Any, grid: Grid, dim: str) -> flo
     if not geo and found in _LENGTH and grid.units.strip() in _LENGTH:  # lat/lon are degrees, always
         return _LENGTH[found] / _LENGTH[grid.units.strip()]
     raise _fail(path, f"{name}: units {found!r} do not match the grid's {grid.units!r} for axis {dim}")
+
+
+def _metres(path: Path, name: str, found: Any) -> float:
+    """Factor from a station altitude's units to metres (no units: metres)."""
+    units = "m" if found is None else str(found).strip()
+    if units in _LENGTH:
+        return _LENGTH[units]
+    raise _fail(path, f"{name}: station altitude units {found!r} are not a length (m or km)")
 
 
 # ------------------------------------------------------------------------------------------ netCDF
@@ -279,9 +298,14 @@ def _read_block(path: Path, ds: Any, name: str, var: int | None, time_name: str,
     station = np.array([s.decode() if isinstance(s, bytes) else str(s) for s in expand(sid)] if sid else
                        [""] * value.size, dtype=object)
     ids = expand("obs_id").astype(np.int64) if "obs_id" in ds.variables else np.arange(value.size)
+    alt = _find(ds, [lambda n, v: _attr(v, "standard_name") in _ALTITUDE_STD,
+                     lambda n, v: n.lower() in _ALTITUDE_NAMES and not _attr(v, "standard_name")],
+                [*coords, time_name, name, *names])
+    height = np.full(value.size, np.nan) if alt is None else \
+        expand(alt).astype(np.float64) * _metres(path, alt, ds[alt].attrs.get("units"))
     keep = np.isfinite(value) if dense or dv.ndim > 1 else slice(None)  # fill values of dense arrays
     return ObservationTable(time[keep], locs[keep], variable[keep].astype(np.int64), value[keep], error[keep],
-                            ids[keep], station[keep])
+                            ids[keep], station[keep], height[keep])
 
 
 def _variable_index(path: Path, ds: Any, name: str, names: list[str], expand: Callable) -> np.ndarray:
@@ -365,6 +389,7 @@ def _read_csv(path: Path, grid: Grid, names: list[str], start: _dt.datetime, tus
     var_col = column("variable", ("var",), required=len(names) > 1)
     e_col = column("error", ("error_std", "sigma"), default_error_std is None, " and no default error std")
     s_col = column("station", ("station_id",), required=False)
+    h_col = column(_ALTITUDE_NAMES[0], _ALTITUDE_NAMES[1:], required=False)
     n = len(df)
     variable = np.zeros(n, dtype=np.int64)
     if var_col is not None:
@@ -380,5 +405,6 @@ def _read_csv(path: Path, grid: Grid, names: list[str], start: _dt.datetime, tus
     locations = np.stack([_numbers(path, df, c) for c in coords], -1).reshape(n, grid.ndim)
     station = np.full(n, "", dtype=object) if s_col is None else \
         df[s_col].fillna("").astype(str).to_numpy(dtype=object)
+    height = np.full(n, np.nan) if h_col is None else _numbers(path, df, h_col)
     return ObservationTable(_csv_times(path, t_col, df[t_col].tolist(), start, tus), locations, variable,
-                            _numbers(path, df, v_col), error, np.arange(n, dtype=np.int64), station)
+                            _numbers(path, df, v_col), error, np.arange(n, dtype=np.int64), station, height)

@@ -22,6 +22,18 @@ A = TypeVar("A", np.ndarray, torch.Tensor)
 
 def screen(table: ObservationTable, grid: Grid) -> tuple[ObservationTable, dict[str, int]]:
     """(kept rows with locations wrapped into the domain, counts per reason and "kept")."""
+    reason, wrapped = rejection_reasons(table, grid)
+    keep = reason == ""
+    kept = table.subset(keep)
+    kept = kept.replace(locations=wrapped[keep])
+    counts = {why: int((reason == why).sum()) for why in REASONS}
+    counts["kept"] = int(keep.sum())
+    return kept, counts
+
+
+def rejection_reasons(table: ObservationTable, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """(reason of each row, '' where kept; locations wrapped into the domain): `screen` row by row,
+    so that rejections can be attributed (e.g. to stations)."""
     n = len(table)
     loc = np.asarray(table.locations, dtype=np.float64).reshape(n, grid.ndim)
     reason = np.full(n, "", dtype=object)
@@ -45,12 +57,7 @@ def screen(table: ObservationTable, grid: Grid) -> tuple[ObservationTable, dict[
         mask = np.zeros(n, dtype=bool)
         mask[alive[dup]] = True
         reject(mask, "duplicate")
-    keep = reason == ""
-    kept = table.subset(keep)
-    kept = kept.replace(locations=wrapped[keep])
-    counts = {why: int((reason == why).sum()) for why in REASONS}
-    counts["kept"] = int(keep.sum())
-    return kept, counts
+    return reason, wrapped
 
 
 def select_window(table: ObservationTable, time: float, half_width: float,

@@ -343,19 +343,19 @@ def test_training_smoke_run_writes_a_usable_checkpoint(tmp_path):
 
 def interrupted_at(monkeypatch, state_file, run):
     """Run `run()` with training crashing right after it first writes `state_file`; then undo the crash."""
-    import twin.train as train
+    import twin.trainstages as stages
 
-    real_save = train._atomic_save
+    real_save = stages.atomic_save
 
     def crash(obj, path):
         real_save(obj, path)
         if Path(path).name == state_file:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "_atomic_save", crash)
+    monkeypatch.setattr(stages, "atomic_save", crash)
     with pytest.raises(KeyboardInterrupt):
         run()
-    monkeypatch.setattr(train, "_atomic_save", real_save)
+    monkeypatch.setattr(stages, "atomic_save", real_save)
 
 
 def test_interrupted_training_resumes_exactly(tmp_path, monkeypatch):

@@ -19,14 +19,16 @@ def twin_cmd(*args):
     return [sys.executable, "-m", "twin.cli", *args]
 
 
-@pytest.mark.parametrize("ranks", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4 oversubscribes 2 cores
-def test_mpiexec_run_equals_serial(tmp_path, ranks):
+@pytest.mark.parametrize("ranks, layout", [
+    (2, []), (2, ["--set", "domain.ranks_per_member=1"]),  # grid split; members split (still one writer)
+    pytest.param(4, [], marks=pytest.mark.slow)])  # 4 oversubscribes 2 cores
+def test_mpiexec_run_equals_serial(tmp_path, ranks, layout):
     mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable))  # from the mpich wheel
     assert mpiexec is not None, "the test extra installs mpich, which provides mpiexec"
     serial, parallel = tmp_path / "serial", tmp_path / "parallel"
     subprocess.run(twin_cmd("run", str(CASE), "--out", str(serial), "--quiet", *SETS), check=True, timeout=300)
-    subprocess.run([mpiexec, "-n", str(ranks), *twin_cmd("run", str(CASE), "--out", str(parallel), "--quiet", *SETS)],
-                   check=True, timeout=300)
+    parallel_cmd = twin_cmd("run", str(CASE), "--out", str(parallel), "--quiet", *SETS, *layout)
+    subprocess.run([mpiexec, "-n", str(ranks), *parallel_cmd], check=True, timeout=300)
     for name in ("analysis.nc", "truth.nc", "observations.nc", "restart.nc"):
         a, b = xr.open_dataset(serial / name), xr.open_dataset(parallel / name)
         for var in a.data_vars:

@@ -58,6 +58,7 @@ def _check_pngs(paths: list[Path], outdir: Path, names: set[str]) -> None:
 
 
 ALL = {"rmse_spread.png", "hovmoller.png", "rank_histogram.png"}
+ALL_2D = {"rmse_spread.png", "maps.png", "rank_histogram.png"}
 
 
 @pytest.mark.parametrize("members", ["all", "mean"])
@@ -71,14 +72,14 @@ def test_plot_run_1d(tmp_path, members):
 def test_plot_run_2d(tmp_path, members):
     out = tmp_path / "run2d"
     _make_run(out, (16, 20), members, with_truth=True)
-    _check_pngs(plot_run(out), out, ALL)
+    _check_pngs(plot_run(out), out, ALL_2D)
 
 
-@pytest.mark.parametrize("shape", [(40,), (8, 10)])
-def test_plot_run_without_truth(tmp_path, shape):
+@pytest.mark.parametrize("shape,state", [((40,), "hovmoller.png"), ((8, 10), "maps.png")])
+def test_plot_run_without_truth(tmp_path, shape, state):
     out = tmp_path / "notruth"
     _make_run(out, shape, "all", with_truth=False)
-    _check_pngs(plot_run(str(out)), out, {"rmse_spread.png", "hovmoller.png"})
+    _check_pngs(plot_run(str(out)), out, {"rmse_spread.png", state})
 
 
 def test_plot_run_overwrites(tmp_path):

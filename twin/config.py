@@ -107,6 +107,10 @@ class ObservationsConfig:
         "gt": 0, "help": "half-width of the window [t-h, t+h) matched to a cycle; null = half a cycle"})
     gross_error_k: float | None = field(default=None, metadata={
         "gt": 0, "help": "reject |y - H(mean)| > k sqrt(sigma_o^2 + sigma_b^2); null = no check"})
+    withhold: tuple[str | int, ...] | float | None = field(default=None, metadata={
+        "min": 0, "max": 1, "help": "stations of the file not assimilated but verified (stations.nc, summary.json "
+                                    "`stations`): a list of station ids, or the fraction of the file's stations "
+                                    "drawn with `seed`; null = none"})
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,10 @@ class OutputConfig:
 @dataclass(frozen=True)
 class DomainConfig:
     decomposition: Literal["auto", "serial"] = field(default="auto", metadata={"help": "rank layout"})
+    ranks_per_member: int | None = field(default=None, metadata={
+        "min": 1, "help": "ranks that share one member block's grid: the ranks form (ranks / K) groups, each "
+                          "forecasting a contiguous block of members on the grid split over its K ranks; must "
+                          "divide the number of ranks; null: all ranks split the grid; ignored when serial"})
 
 
 @dataclass(frozen=True)
@@ -331,6 +339,8 @@ def _validate(case: CaseConfig, file: str) -> None:
             validate_model(case.model.config)
     except ValueError as e:
         raise ConfigError(file, "model", str(e)) from None
+    if case.observations.withhold is not None and case.observations.path is None:
+        raise ConfigError(file, "observations.withhold", "needs station observations from a file (observations.path)")
     points = _validate_initial(case, file) if case.initial is not None else None
     if case.truth.model is not None:
         grids = [model_registry[m.kind].global_grid(m.config) for m in (case.model, case.truth.model)]

@@ -298,9 +298,9 @@ def observations_dataset(times: np.ndarray, locations: np.ndarray, variable: np.
         raise ValueError(f"variable index out of range 0..{len(variables) - 1}")
     coords = _time_coords(times, "obs", time_unit_seconds, start, model_time_units)
     for a, dim in enumerate(location_dims(grid)):
-        attrs = ({"long_name": f"observation {_GEO[dim]['standard_name']}", **_GEO[dim]} if _geographic(grid)
-                 else _axis_attrs(grid, a, "observation"))
-        coords[dim] = xr.Variable("obs", locations[:, a], attrs)
+        axis_attrs = ({"long_name": f"observation {_GEO[dim]['standard_name']}", **_GEO[dim]} if _geographic(grid)
+                      else _axis_attrs(grid, a, "observation"))
+        coords[dim] = xr.Variable("obs", locations[:, a], axis_attrs)
         coords[dim].encoding["_FillValue"] = None
     units = {variables[int(i)].units for i in np.unique(variable)} if n else set()
     value_attrs = {"long_name": "observed value"}

@@ -1,4 +1,5 @@
-"""Figures of a finished run folder (`twin plot DIR`): error/spread curves, Hovmöller or maps, ranks.
+"""Figures of a finished run folder (`twin plot DIR`): error/spread curves, Hovmöller or maps, ranks,
+and, with `stations.nc` on a 2-D grid, maps of background, analysis and increment with the stations.
 
 Uses matplotlib's object API with the Agg canvas (no display, no pyplot global state). Every figure
 is written atomically (temp file + rename) into `outdir/figures/`.
@@ -31,11 +32,17 @@ def plot_run(outdir: str | os.PathLike[str]) -> list[Path]:
     fig = _rmse_spread_figure(ana, case)
     if fig is not None:
         written.append(_save(fig, figdir / "rmse_spread.png"))
-    fig = _state_figure(ana, truth, case)
-    if fig is not None:
-        written.append(_save(fig, figdir / "hovmoller.png"))
+    obs_path = outdir / "observations.nc"
+    obs = read_dataset(obs_path) if obs_path.is_file() else None
+    state = _state_figure(ana, truth, obs, case)
+    if state is not None:
+        written.append(_save(state[0], figdir / state[1]))
     if "rank_histogram" in ana:
         written.append(_save(_rank_figure(ana["rank_histogram"], case), figdir / "rank_histogram.png"))
+    if (outdir / "stations.nc").is_file():
+        fig = _stations_figure(ana, read_dataset(outdir / "stations.nc"), case)
+        if fig is not None:
+            written.append(_save(fig, figdir / "stations.png"))
     return written
 
 
@@ -151,19 +158,50 @@ def _rmse_spread_figure(ds: xr.Dataset, case: str) -> Figure | None:
     return fig
 
 
-def _state_figure(ana: xr.Dataset, truth: xr.Dataset | None, case: str) -> Figure | None:
+def _state_figure(ana: xr.Dataset, truth: xr.Dataset | None, obs: xr.Dataset | None,
+                  case: str) -> tuple[Figure, str] | None:
+    """1-D grids: a Hovmöller diagram of the first variable (hovmoller.png); 2-D grids: maps at the last
+    analysis time, one row per variable (at most three): truth, mean, spread, error, observations
+    (maps.png)."""
     names = _state_names(ana)
     if not names:
         return None
-    name = names[0]
-    mean, spread = _mean_spread(ana, name)
-    ref = _truth_field(truth, name, ana["time"])
+    mean, spread = _mean_spread(ana, names[0])
     grid_dims = [d for d in mean.dims if d != "time"]
     if len(grid_dims) == 1:
-        return _hovmoller(ana, mean, spread, ref, grid_dims[0], name, case)
-    if len(grid_dims) == 2:
-        return _maps(mean, spread, ref, grid_dims, name, case)
-    return None
+        ref = _truth_field(truth, names[0], ana["time"])
+        return _hovmoller(ana, mean, spread, ref, grid_dims[0], names[0], case), "hovmoller.png"
+    if len(grid_dims) != 2:
+        return None
+    rows = []
+    for index, name in enumerate(names[:3]):
+        mean, spread = _mean_spread(ana, name)
+        rows.append((name, mean, spread, _truth_field(truth, name, ana["time"]), _last_observations(obs, index, mean)))
+    fig = Figure(figsize=(4.2 * max(_panel_count(r) for r in rows), 3.8 * len(rows)), layout="constrained")
+    when = str(rows[0][1]["time"].values[-1])[:19] if "time" in rows[0][1].coords else "last time"
+    for k, row in enumerate(rows):
+        _maps(fig, k, len(rows), *row, grid_dims)
+    fig.suptitle(f"{case} at {when}")
+    return fig, "maps.png"
+
+
+def _panel_count(row: tuple) -> int:
+    _, _, spread, ref, points = row
+    return 1 + (spread is not None) + 2 * (ref is not None) + (points is not None)
+
+
+def _last_observations(obs: xr.Dataset | None, index: int, mean: xr.DataArray) -> tuple[np.ndarray, ...] | None:
+    """(x, y, value) of the observations of variable `index` at the last analysis time, on grid points."""
+    if obs is None or "value" not in obs or "variable_index" not in obs or "time" not in mean.coords:
+        return None
+    ydim, xdim = [d for d in mean.dims if d != "time"]
+    if ydim not in obs.variables or xdim not in obs.variables:
+        return None
+    last = mean["time"].values[-1]
+    pick = (obs["variable_index"].values == index) & (obs["time"].values == last)
+    if not pick.any():
+        return None
+    return obs[xdim].values[pick], obs[ydim].values[pick], obs["value"].values[pick]
 
 
 def _hovmoller(ana: xr.Dataset, mean: xr.DataArray, spread: xr.DataArray | None, ref: xr.DataArray | None,
@@ -199,8 +237,9 @@ def _hovmoller(ana: xr.Dataset, mean: xr.DataArray, spread: xr.DataArray | None,
     return fig
 
 
-def _maps(mean: xr.DataArray, spread: xr.DataArray | None, ref: xr.DataArray | None,
-          dims: list[str], name: str, case: str) -> Figure:
+def _maps(fig: Figure, row: int, nrows: int, name: str, mean: xr.DataArray, spread: xr.DataArray | None,
+          ref: xr.DataArray | None, points: tuple[np.ndarray, ...] | None, dims: list[str]) -> None:
+    """One row of maps for variable `name` at the last time; observations share the state's colours."""
     last = {"time": -1}
     panels: list[tuple[str, xr.DataArray, str]] = []
     if ref is not None:
@@ -212,26 +251,78 @@ def _maps(mean: xr.DataArray, spread: xr.DataArray | None, ref: xr.DataArray | N
         err = (mean.isel(last) - ref.isel(last)).assign_attrs(units=mean.attrs.get("units"))
         panels.append(("analysis error", err, "RdBu_r"))
     ydim, xdim = dims
-    fig = Figure(figsize=(4.2 * len(panels), 4), layout="constrained")
     fields = [p[1].values for p in panels if p[2] == "viridis"]
     vmin, vmax = float(np.nanmin(fields)), float(np.nanmax(fields))
-    when = str(mean["time"].values[-1])[:19] if "time" in mean.coords else "last time"
+    ncols = len(panels) + (points is not None)
+    xc = mean[xdim] if xdim in mean.coords else xr.DataArray(np.arange(mean.sizes[xdim]), dims=xdim)
+    yc = mean[ydim] if ydim in mean.coords else xr.DataArray(np.arange(mean.sizes[ydim]), dims=ydim)
     for k, (title, da, cmap) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), k + 1)
+        ax = fig.add_subplot(nrows, ncols, row * ncols + k + 1)
         z = da.transpose(ydim, xdim).values
         kw: dict = {"vmin": vmin, "vmax": vmax} if cmap == "viridis" else {}
         if cmap == "RdBu_r":
             lim = float(np.nanmax(np.abs(z))) or 1.0
             kw = {"vmin": -lim, "vmax": lim}
-        xc = da[xdim] if xdim in da.coords else xr.DataArray(np.arange(z.shape[1]), dims=xdim)
-        yc = da[ydim] if ydim in da.coords else xr.DataArray(np.arange(z.shape[0]), dims=ydim)
         m = ax.pcolormesh(xc.values, yc.values, z, cmap=cmap, shading="nearest", **kw)
         _colorbar(fig, ax, m, da)
-        ax.set_aspect("equal")
-        ax.set_xlabel(_label(xc, xdim))
-        ax.set_ylabel(_label(yc, ydim) if k == 0 else "")
+        _frame(ax, xc, yc, xdim, ydim, first=k == 0)
+        ax.set_title(f"{name}: {title}" if k == 0 else title)
+    if points is not None:
+        ax = fig.add_subplot(nrows, ncols, row * ncols + ncols)
+        m = ax.scatter(points[0], points[1], c=points[2], cmap="viridis", vmin=vmin, vmax=vmax, s=9)
+        _colorbar(fig, ax, m, mean)
+        ax.set_xlim(float(xc.min()), float(xc.max()))
+        ax.set_ylim(float(yc.min()), float(yc.max()))
+        _frame(ax, xc, yc, xdim, ydim, first=False)
+        ax.set_title(f"observations ({len(points[2])})")
+
+
+def _frame(ax, xc: xr.DataArray, yc: xr.DataArray, xdim: str, ydim: str, first: bool) -> None:
+    ax.set_aspect("equal")
+    ax.set_xlabel(_label(xc, xdim))
+    ax.set_ylabel(_label(yc, ydim) if first else "")
+
+
+def _stations_figure(ana: xr.Dataset, stations: xr.Dataset, case: str) -> Figure | None:
+    """Background, analysis and increment (mean, last time, first variable) with the stations on top:
+    assimilated as dots, withheld as magenta-edged triangles, stations with QC rejections as crosses."""
+    names = _state_names(ana)
+    background = f"{names[0]}_background_mean" if names else ""
+    if not names or background not in ana or "lat" not in stations or "lon" not in stations:
+        return None
+    mean = _mean_spread(ana, names[0])[0].isel(time=-1)
+    prior = ana[background].isel(time=-1)
+    dims = [d for d in mean.dims if d != "time"]
+    if len(dims) != 2:
+        return None
+    ydim, xdim = dims
+    xc, yc = ana[xdim].values, ana[ydim].values
+    lon, lat = stations["lon"].values, stations["lat"].values
+    withheld = stations["withheld"].values.astype(bool) if "withheld" in stations else np.zeros(len(lat), bool)
+    rejected = stations["qc_rejected"].values > 0 if "qc_rejected" in stations else np.zeros(len(lat), bool)
+    increment = (mean - prior).assign_attrs(units=mean.attrs.get("units"))
+    vmin = float(np.nanmin([np.nanmin(prior.values), np.nanmin(mean.values)]))
+    vmax = float(np.nanmax([np.nanmax(prior.values), np.nanmax(mean.values)]))
+    lim = float(np.nanmax(np.abs(increment.values))) or 1.0
+    fig = Figure(figsize=(13.5, 4.2), layout="constrained")
+    panels = [("background", prior, "viridis", vmin, vmax), ("analysis", mean, "viridis", vmin, vmax),
+              ("increment", increment, "RdBu_r", -lim, lim)]
+    for k, (title, da, cmap, lo, hi) in enumerate(panels):
+        ax = fig.add_subplot(1, 3, k + 1)
+        m = ax.pcolormesh(xc, yc, da.transpose(ydim, xdim).values, cmap=cmap, vmin=lo, vmax=hi, shading="nearest")
+        _colorbar(fig, ax, m, da)
+        used = ~withheld & ~rejected
+        ax.scatter(lon[used], lat[used], s=12, c="k", label="assimilated")
+        ax.scatter(lon[withheld], lat[withheld], s=30, marker="^", facecolors="none", edgecolors="m",
+                   label="withheld")
+        if rejected.any():
+            ax.scatter(lon[rejected], lat[rejected], s=30, marker="x", c="r", label="QC rejected")
+        ax.set_xlabel(_label(ana[xdim], xdim))
+        ax.set_ylabel(_label(ana[ydim], ydim) if k == 0 else "")
         ax.set_title(title)
-    fig.suptitle(f"{case}: {name} at {when}")
+        if k == 0:
+            ax.legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"{case}: {names[0]} and stations")
     return fig
 
 

@@ -69,6 +69,7 @@ class RunRecorder:
     background_spread: list[torch.Tensor] = field(default_factory=list)
     truth: list[torch.Tensor] = field(default_factory=list)
     observations: list[dict[str, torch.Tensor | float]] = field(default_factory=list)
+    stations: list[dict[str, np.ndarray | float]] = field(default_factory=list)  # twin.stations, every cycle
     rank_counts: torch.Tensor | None = None
     weights: torch.Tensor | None = None  # (variable, *grid) from `state_weights`; None: equal weights
     valid: torch.Tensor | None = None  # (variable, *grid) the mask; None: every point counts
@@ -189,7 +190,7 @@ class RunRecorder:
                                 obs.values - obs.operator(ana_mean) if has_obs else None)
 
     _STATE = ("times", "cycles", "per_cycle", "out_cycles", "analysis", "analysis_spread", "background_mean",
-              "background_spread", "truth", "observations", "rank_counts")
+              "background_spread", "truth", "observations", "stations", "rank_counts")
 
     def lengths(self) -> dict[str, int]:
         """How much of each append-only record exists (marks a checkpoint's position)."""

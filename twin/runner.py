@@ -111,6 +111,7 @@ def summarise(tw: Twin) -> dict:
                              "crps_analysis", "omb_rms", "oma_rms")},
         "obs_used": int(tw.recorder.series()["obs_count"].sum()),
         "obs_rejected": tw.file_observations.rejected if tw.file_observations is not None else {},
+        "stations": tw.stations.summary() if tw.stations is not None else None,
         "wall_seconds": None,
         "cycles_per_second": s["cycles_per_second"],
         "ranks": s["ranks"],
@@ -160,6 +161,8 @@ def write_outputs(tw: Twin, folder: Path, final: torch.Tensor) -> None:
             tds[v.name].attrs["long_name"] = f"true {v.long_name}"
         io.write_netcdf_atomic(tds, folder / "truth.nc")
     write_observations(tw, folder / "observations.nc", common)
+    if tw.stations is not None:
+        io.write_netcdf_atomic(tw.stations.dataset(model.variables, **common), folder / "stations.nc")
     io.write_restart(folder / "restart.nc", final.double().numpy(), tw.time, tw.cycle, tw.grid,
                      model.variables, case_name=case.name, config_yaml=yaml.safe_dump(case_to_dict(case)))
 
@@ -187,6 +190,10 @@ def summary_table(summary: dict) -> str:
     for k in ("rmse_analysis", "rmse_forecast", "spread_analysis", "crps_analysis"):
         v = summary.get(k)
         rows.append((k, "n/a" if v is None else f"{v:.4f}"))
+    held = summary.get("stations") or {}
+    if held.get("withheld_rmse_analysis") is not None:
+        rows.append(("withheld stations rmse", f"{held['withheld_rmse_background']:.4f} (background) -> "
+                                                f"{held['withheld_rmse_analysis']:.4f} (analysis)"))
     cps = summary.get("cycles_per_second")
     rows.append(("cycles/s", "n/a" if cps is None else f"{cps:.1f}"))
     rows.append(("wall seconds", f"{summary.get('wall_seconds') or 0:.1f}"))

@@ -19,23 +19,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import math
-import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
 import yaml
-from torch import nn
 
 from emulators.diffusion.checkpoint import STATIC_CHANNELS, save_checkpoint
-from emulators.diffusion.consistency import (ConsistencyPrecond, ascending_sigmas, distillation_loss,
-                                              one_step_sample, rollout_crps)
-from emulators.diffusion.edm import EDMConfig, Precond, edm_loss
+from emulators.diffusion.edm import EDMConfig, Precond
 from emulators.diffusion.emulator import static_fields
 from emulators.diffusion.network import NetworkConfig, UNetLite, parameter_count
 from emulators.registry import model_registry
@@ -44,6 +37,7 @@ from twin.config import ConfigError, apply_override, duration_seconds, parse_dat
 from twin.domain import SerialDomain
 from twin.random import Streams
 from twin.trainpairs import ArchivePairs, Pairs, TruthPairs, lon_periodic
+from twin.trainstages import atomic_save, config_digest, crps_stage, distill_stage, teacher_stage
 
 
 @dataclass(frozen=True)
@@ -200,13 +194,6 @@ def network_config(case: TrainCase, nvar: int) -> NetworkConfig:
                          channels=tuple(n.channels), blocks=tuple(n.blocks), up_blocks=n.up_blocks, embed=n.embed)
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------- data
-
-
 def make_truth_data(case: TrainCase, quiet: bool = True) -> torch.Tensor:
     """Snapshots (runs, samples, variables, y, x) float32 of spun-up truth runs, one every Δ; run r
     starts from the model's `initial_state(perturbation · noise)`, noise keyed by seed data.seed + r."""
@@ -266,25 +253,6 @@ def statistics(train: torch.Tensor) -> dict[str, tuple[float, ...]]:
 # ---------------------------------------------------------------- training
 
 
-def _lr(peak: float, warmup: int, iterations: int, floor: float, it: int) -> float:
-    """Linear warm-up, then cosine decay from `peak` to `floor` · peak at `iterations`."""
-    warm = min(1.0, (it + 1) / warmup) if warmup else 1.0
-    return peak * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(it / iterations, 1.0))))
-
-
-def _validation_loss(model: Precond, pairs: Pairs, case: TrainCase) -> float:
-    """EDM loss of `model` on fixed held-out pairs with fixed σ and noise (comparable across time)."""
-    g = torch.Generator().manual_seed(case.train.seed + 7919)
-    n = min(case.train.validation_pairs, pairs.count)
-    index = torch.randperm(pairs.count, generator=g)[:n]
-    total = 0.0
-    with torch.no_grad():
-        for chunk in index.split(16):
-            target, cond, mask = pairs.batch(chunk)
-            total += float(edm_loss(pairs.net(model, mask), target, cond, pairs.pad, case.edm, g)) * len(chunk)
-    return total / n
-
-
 def _plot_losses(histories: dict[str, list[dict]], path: Path) -> None:
     """One panel per training stage: training loss and validation score against iteration."""
     import matplotlib
@@ -310,192 +278,6 @@ def _plot_losses(histories: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-@dataclass(frozen=True)
-class _Stage:
-    """One resumable optimisation stage: where it saves, what it must match, how long, how fast."""
-
-    name: str
-    state_file: Path
-    digest: str
-    iterations: int
-    checkpoint_every: int
-    lr: Callable[[int], float]
-    ema: Callable[[int], float]
-    grad_clip: float = 1.0
-
-
-def _run_stage(stage: _Stage, live: nn.Module, ema: nn.Module, loss_fn: Callable[[int], torch.Tensor],
-               validate: Callable[[], float], gen: torch.Generator, resume: bool, case_file: str,
-               quiet: bool) -> tuple[list[dict], float]:
-    """Adam on `live` with an EMA copy in `ema`; resumes from, and writes, `stage.state_file`.
-    Returns the history ({iteration, loss, validation} at each resume point) and the wall time."""
-    from tqdm import tqdm
-
-    opt = torch.optim.Adam(live.parameters(), lr=stage.lr(0))
-    start, history, wall = 0, [], 0.0
-    if resume and stage.state_file.is_file():
-        st = torch.load(stage.state_file, weights_only=True)
-        if st.get("digest") != stage.digest:
-            raise ConfigError(case_file, "", f"{stage.state_file} belongs to a different training set-up "
-                              "(resume=False / --restart to start afresh, or another output folder)")
-        live.load_state_dict(st["net"])
-        ema.load_state_dict(st["ema"])
-        opt.load_state_dict(st["opt"])
-        gen.set_state(st["gen"])
-        start, history, wall = int(st["iteration"]), list(st["history"]), float(st["wall"])
-    t0, running = time.perf_counter(), []
-    bar = tqdm(total=stage.iterations, initial=start, desc=stage.name, unit="it", disable=quiet)
-    for it in range(start, stage.iterations):
-        for group in opt.param_groups:
-            group["lr"] = stage.lr(it)
-        loss = loss_fn(it)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(live.parameters(), stage.grad_clip)
-        opt.step()
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), live.parameters()):
-                pe.lerp_(p, 1 - stage.ema(it))
-        running.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(running) / len(running):.4g}")
-        done = it + 1
-        if done % stage.checkpoint_every == 0 or done == stage.iterations:
-            history.append({"iteration": done, "loss": sum(running) / len(running), "validation": validate()})
-            running = []
-            _atomic_save({"digest": stage.digest, "iteration": done, "net": live.state_dict(),
-                          "ema": ema.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                          "history": history, "wall": wall + time.perf_counter() - t0}, stage.state_file)
-    bar.close()
-    return history, wall + time.perf_counter() - t0
-
-
-def _shifting(case: TrainCase, pairs: Pairs) -> bool:
-    """Random shifts along x: asked for, valid for the grid (periodic in x) and the static channels."""
-    return case.train.shift_x and pairs.periodic_x and not any(s.endswith("_x") for s in case.network.static)
-
-
-def _teacher_stage(case: TrainCase, folder: Path, data_key: str, net: nn.Module, model: Precond, ema: Precond,
-                   train_pairs: Pairs, val_pairs: Pairs, width: int, resume: bool, file: str,
-                   quiet: bool) -> tuple[list[dict], float, str]:
-    """The EDM denoiser (the multi-step sampler's network). Returns history, wall time, digest."""
-    t = case.train
-    gen = torch.Generator().manual_seed(t.seed + 1)
-    digest = _digest({"data": data_key, "network": dataclasses.asdict(case.network),
-                      "edm": dataclasses.asdict(case.edm),
-                      "train": {k: v for k, v in dataclasses.asdict(t).items()
-                                if k not in ("iterations", "checkpoint_every", "threads", "validation_pairs")}})
-    shift = _shifting(case, train_pairs)
-
-    def loss(it: int) -> torch.Tensor:
-        index = torch.randint(train_pairs.count, (t.batch_size,), generator=gen)
-        shifts = torch.randint(width, (t.batch_size,), generator=gen) if shift else None
-        target, cond, mask = train_pairs.batch(index, shifts)
-        return edm_loss(train_pairs.net(model, mask), target, cond, train_pairs.pad, case.edm, gen)
-
-    stage = _Stage(f"train {case.name}", folder / "train_state.pt", digest, t.iterations, t.checkpoint_every,
-                   lambda it: _lr(t.lr, t.warmup, t.iterations, t.final_lr_fraction, it),
-                   lambda it: min(t.ema, (1 + it) / (10 + it)), t.grad_clip)
-    history, wall = _run_stage(stage, net, ema, loss, lambda: _validation_loss(ema, val_pairs, case), gen,
-                               resume, file, quiet)
-    return history, wall, digest
-
-
-def _distill_stage(case: TrainCase, folder: Path, teacher: Precond, teacher_key: str, train_pairs: Pairs,
-                   val_pairs: Pairs, width: int, resume: bool, file: str,
-                   quiet: bool) -> tuple[ConsistencyPrecond, list[dict], float, str]:
-    """Consistency distillation of the teacher: the single-step sampler's network (EMA weights)."""
-    d = case.distill
-    gen = torch.Generator().manual_seed(case.train.seed + 2)
-    digest = _digest({"teacher": teacher_key, "distill": {k: v for k, v in dataclasses.asdict(d).items()
-                                                          if k not in ("iterations", "checkpoint_every")}})
-    student = ConsistencyPrecond(copy.deepcopy(teacher.net).requires_grad_(True), teacher.sigma_data, d.sigma_min)
-    ema = copy.deepcopy(student).requires_grad_(False)
-    sigmas = ascending_sigmas(d.steps, d.sigma_min, d.sigma_max, d.rho)
-    shift = _shifting(case, train_pairs)
-
-    def loss(it: int) -> torch.Tensor:
-        index = torch.randint(train_pairs.count, (d.batch_size,), generator=gen)
-        shifts = torch.randint(width, (d.batch_size,), generator=gen) if shift else None
-        target, cond, mask = train_pairs.batch(index, shifts)
-        return distillation_loss(train_pairs.net(student, mask), train_pairs.net(teacher, mask), target, cond,
-                                 train_pairs.pad, sigmas, gen)
-
-    def validate() -> float:
-        g = torch.Generator().manual_seed(case.train.seed + 7919)
-        index = torch.randperm(val_pairs.count, generator=g)[:min(case.train.validation_pairs, val_pairs.count)]
-        total = 0.0
-        with torch.no_grad():
-            for chunk in index.split(16):
-                target, cond, mask = val_pairs.batch(chunk)
-                total += float(distillation_loss(val_pairs.net(ema, mask), val_pairs.net(teacher, mask), target,
-                                                 cond, val_pairs.pad, sigmas, g)) * len(chunk)
-        return total / len(index)
-
-    stage = _Stage("distill", folder / "distill_state.pt", digest, d.iterations, d.checkpoint_every,
-                   lambda it: _lr(d.lr, d.warmup, d.iterations, 0.1, it), lambda it: min(d.ema, (1 + it) / (10 + it)))
-    history, wall = _run_stage(stage, student.net, ema, loss, validate, gen, resume, file, quiet)
-    return ema, history, wall, digest
-
-
-def _crps_stage(case: TrainCase, folder: Path, distilled: ConsistencyPrecond, distill_key: str,
-                train_pairs: Pairs, val_pairs: Pairs, width: int, resume: bool, file: str,
-                quiet: bool) -> tuple[ConsistencyPrecond, list[dict], float]:
-    """Autoregressive fine-tuning of the single-step sampler with the fair CRPS over unrolled steps."""
-    c = case.crps
-    sigma_max = case.distill.sigma_max
-    gen = torch.Generator().manual_seed(case.train.seed + 3)
-    digest = _digest({"distill": distill_key, "crps": {k: v for k, v in dataclasses.asdict(c).items()
-                                                       if k not in ("iterations", "checkpoint_every")},
-                      "iterations": c.iterations})
-    live = copy.deepcopy(distilled).requires_grad_(True)
-    ema = copy.deepcopy(distilled).requires_grad_(False)
-    shift = _shifting(case, train_pairs)
-    p = train_pairs
-
-    def stepper(model: ConsistencyPrecond, mask: torch.Tensor | None
-                ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """One emulator step of the M·B members; points outside `mask` (B, C, y, x) are held fixed."""
-        keep = None if mask is None else mask.repeat(c.members, 1, 1, 1)
-        run = p.net(model, keep)
-
-        def step(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-            cond = p.condition((x - p.mean) / p.std)
-            out = x + p.inc_mean + p.inc_std * one_step_sample(run, z, sigma_max, cond, p.pad)
-            return out if keep is None else torch.where(keep, out, x)
-        return step
-
-    def loss(it: int) -> torch.Tensor:
-        phase = min(it * len(c.unroll) // c.iterations, len(c.unroll) - 1)
-        steps = c.unroll[phase]
-        b = max(1, c.rollout_pairs // steps)
-        index = torch.randint(p.rollout_count(steps), (b,), generator=gen)
-        shifts = torch.randint(width, (b,), generator=gen) if shift else None
-        start, truth, mask = p.rollout(index, steps, shifts)
-        noise = lambda k: torch.randn((c.members * b, *start.shape[1:]), generator=gen)  # noqa: E731
-        return rollout_crps(stepper(live, mask), start, truth, c.members, noise, p.std)
-
-    def validate() -> float:
-        g = torch.Generator().manual_seed(case.train.seed + 7919)
-        n = min(c.validation_states, val_pairs.rollout_count(2))
-        index = torch.randperm(val_pairs.rollout_count(2), generator=g)[:n]
-        start, truth, mask = val_pairs.rollout(index, 2)
-        noise = lambda k: torch.randn((c.members * n, *start.shape[1:]), generator=g)  # noqa: E731
-        with torch.no_grad():
-            return float(rollout_crps(stepper(ema, mask), start, truth, c.members, noise, p.std))
-
-    stage = _Stage("crps", folder / "crps_state.pt", digest, c.iterations, c.checkpoint_every,
-                   lambda it: _lr(c.lr, c.warmup, c.iterations, 0.1, it), lambda it: min(c.ema, (1 + it) / (10 + it)))
-    history, wall = _run_stage(stage, live.net, ema, loss, validate, gen, resume, file, quiet)
-    return ema, history, wall
-
-
 @dataclass(frozen=True)
 class _Source:
     """The training data as the stages and the checkpoint see it: truth runs or an archive."""
@@ -515,7 +297,7 @@ def _truth_source(case: TrainCase, folder: Path, quiet: bool) -> _Source:
     kind, truth_cfg = case.truth
     cls = model_registry[kind]
     grid = cls.global_grid(truth_cfg)
-    data_key = _digest({"truth": [kind, dataclasses.asdict(truth_cfg)], "data": dataclasses.asdict(case.data)})
+    data_key = config_digest({"truth": [kind, dataclasses.asdict(truth_cfg)], "data": dataclasses.asdict(case.data)})
     cache = folder / "data.pt"
     data = None
     if cache.is_file():
@@ -523,7 +305,7 @@ def _truth_source(case: TrainCase, folder: Path, quiet: bool) -> _Source:
         data = blob["data"] if blob.get("digest") == data_key else None
     if data is None:
         data = make_truth_data(case, quiet)
-        _atomic_save({"digest": data_key, "data": data}, cache)
+        atomic_save({"digest": data_key, "data": data}, cache)
     nval = case.data.validation_runs
     stats = statistics(data[:-nval])
     variables = tuple((v.name, v.units, v.long_name) for v in cls.variables)
@@ -538,7 +320,7 @@ def _archive_source(case: TrainCase, archive: Archive, folder: Path) -> _Source:
     """An open archive: lat-lon, x periodic only when the longitudes cover 360°; the statistics are
     cached in `folder/stats.pt` (one pass over the training split)."""
     meta = archive.metadata()
-    key = _digest({"archive": dataclasses.asdict(case.archive), "metadata": meta,
+    key = config_digest({"archive": dataclasses.asdict(case.archive), "metadata": meta,
                    "times": [str(archive.times[0]), str(archive.times[-1]), len(archive.times)],
                    "pairs": [archive.pair_count(s) for s in SPLITS]})
     cache = folder / "stats.pt"
@@ -548,7 +330,7 @@ def _archive_source(case: TrainCase, archive: Archive, folder: Path) -> _Source:
         stats = blob["stats"] if blob.get("digest") == key else None
     if stats is None:
         stats = {k: v for k, v in archive.statistics().items() if k != "mask"}
-        _atomic_save({"digest": key, "stats": stats}, cache)
+        atomic_save({"digest": key, "stats": stats}, cache)
     periodic = (False, lon_periodic(archive.lon))
     return _Source(key, stats, archive.variables, archive.grid_shape, periodic, archive.step_seconds,
                    lambda static, h, a: tuple(ArchivePairs(archive, s, stats, static, h, a, periodic) for s in SPLITS),
@@ -594,16 +376,16 @@ def _train(case: TrainCase, raw: dict, file: str, folder: Path, source: _Source,
     ema = copy.deepcopy(model).requires_grad_(False)
     histories: dict[str, list[dict]] = {}
     walls: dict[str, float] = {}
-    histories["teacher"], walls["teacher"], key = _teacher_stage(case, folder, source.key, net, model, ema,
+    histories["teacher"], walls["teacher"], key = teacher_stage(case, folder, source.key, net, model, ema,
                                                                  train_pairs, val_pairs, nx, resume, file, quiet)
     if not histories["teacher"]:
         raise ConfigError(file, "train.iterations", "nothing to do")
     single = None
     if case.distill.iterations:
-        single, histories["distill"], walls["distill"], key = _distill_stage(
+        single, histories["distill"], walls["distill"], key = distill_stage(
             case, folder, ema, key, train_pairs, val_pairs, nx, resume, file, quiet)
         if case.crps.iterations:
-            single, histories["crps"], walls["crps"] = _crps_stage(case, folder, single, key, train_pairs, val_pairs,
+            single, histories["crps"], walls["crps"] = crps_stage(case, folder, single, key, train_pairs, val_pairs,
                                                                    nx, resume, file, quiet)
     final = histories["teacher"][-1]
     training = {"case": case.name, "iterations": t.iterations, "final_loss": final["loss"],

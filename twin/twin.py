@@ -6,6 +6,7 @@ It has no numerics of its own. Each cycle k: observations at t_k, the stages tur
 from __future__ import annotations
 
 import time as _time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -19,11 +20,12 @@ from assim.stages import AnalysisContext
 from assim.synthetic import SyntheticObserver
 from emulators.registry import model_registry
 from twin.config import CaseConfig, ConfigError, load_case
-from twin.domain import make_domain
+from twin.members import LayoutError, MemberSplitDomain, run_domain
 from twin.initial import data_model, load_initial
 from twin.nature import NatureRun
 from twin.random import Streams
 from twin.record import RunRecorder, partial_sums, scores_from_sums, state_weights
+from twin.stations import StationMonitor
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 CHECKPOINT_FORMAT = 1
@@ -50,12 +52,20 @@ class Twin:
         self.initial = None if case.initial is None else load_initial(  # real data: grid and members from a file
             case.initial, case.ensemble.size, case.ensemble.init_spread, f"case {case.name}", start=case.run.start)
         self.grid = model_cls.global_grid(case.model.config) if self.initial is None else self.initial.grid
-        self.domain = make_domain(self.grid, case.domain.decomposition, comm)
-        self.model = (model_cls(case.model.config, self.domain, self.dtype) if self.initial is None else
-                      data_model(model_cls, case, self.domain, self.dtype, self.initial))
+        try:
+            self.domain = run_domain(self.grid, case.domain.decomposition, case.domain.ranks_per_member,
+                                     case.ensemble.size, comm)
+        except LayoutError as e:
+            raise ConfigError(f"case {case.name}", "domain.ranks_per_member", str(e)) from None
+        # models and stages see the grid decomposition of this rank's member group (members split
+        # over groups: `self.domain` is the run's view, `self.split` the member split, else None)
+        self.split = self.domain if isinstance(self.domain, MemberSplitDomain) else None
+        self.grid_domain = self.domain if self.split is None else self.split.sub
+        self.model = (model_cls(case.model.config, self.grid_domain, self.dtype) if self.initial is None else
+                      data_model(model_cls, case, self.grid_domain, self.dtype, self.initial))
         truth_spec = case.truth.model
         self.truth_model = (self.model if truth_spec is None else
-                            model_registry[truth_spec.kind](truth_spec.config, self.domain, self.dtype))
+                            model_registry[truth_spec.kind](truth_spec.config, self.grid_domain, self.dtype))
         self.stages = [stage_registry[s.method](s.config) for s in case.assimilation.stages]
         # a learned-inpainting stage needs each member's state before the last forecast step
         self._keep_previous = any(getattr(s, "needs_inpainter", False) for s in self.stages)
@@ -66,7 +76,7 @@ class Twin:
         self.ensemble_streams = Streams(case.ensemble.seed)
         self.observer = SyntheticObserver(
             self.grid, len(self.model.variables), case.observations.operator, case.observations.error_std,
-            case.observations.fraction, Streams(case.observations.seed), self.dtype, self.domain,
+            case.observations.fraction, Streams(case.observations.seed), self.dtype, self.grid_domain,
             self._observable(case))
         self.file_observations = None
         obs_cfg = case.observations
@@ -75,14 +85,16 @@ class Twin:
 
             cycle_length = obs_cfg.every * self.model.dt
             self.file_observations = FileObservations(
-                obs_cfg.path, self.grid, self.domain, self.model.variables, start=case.run.start,
+                obs_cfg.path, self.grid, self.grid_domain, self.model.variables, start=case.run.start,
                 time_unit_seconds=self.model.time_unit_seconds, default_error_std=obs_cfg.error_std,
                 half_width=obs_cfg.time_window or cycle_length / 2, gross_error_k=obs_cfg.gross_error_k,
-                dtype=self.dtype)
+                dtype=self.dtype, withhold=obs_cfg.withhold, seed=obs_cfg.seed, where=f"case {case.name}")
         weights, valid = state_weights(self.grid, len(self.model.variables))
         self.recorder = RunRecorder(members=case.ensemble.size, output_every=case.output.every,
                                     keep_members=case.output.members == "all", burn_in=case.run.burn_in,
                                     weights=weights, valid=valid)
+        self.stations = StationMonitor.of(self.file_observations, self.recorder, self.grid, self.grid_domain,
+                                          case.run.burn_in, keeps_records=self.domain.rank == 0)
         self.cycle = 0
         self.time = 0.0
         try:
@@ -96,7 +108,7 @@ class Twin:
                                     cycle_length=self.cycle_length)
             self.ensemble = self._initial_ensemble(truth0)
         else:
-            self.ensemble = self.initial.ensemble(self.ensemble_streams, self.domain, case.ensemble.size, self.dtype)
+            self.ensemble = self.initial.ensemble(self.ensemble_streams, self.grid_domain, case.ensemble.size, self.dtype)
         self.loop_seconds = 0.0
 
     @classmethod
@@ -130,7 +142,7 @@ class Twin:
 
     def _local_normals(self, streams: Streams, purpose: str, keys: tuple[int, ...], members: int) -> torch.Tensor:
         return streams.field_normal(purpose, keys, members, len(self.model.variables),
-                                    self.domain.local_flat_indices(), self.domain.local_shape, self.dtype)
+                                    self.grid_domain.local_flat_indices(), self.grid_domain.local_shape, self.dtype)
 
     def _spun_up_truth(self) -> torch.Tensor:
         """Truth at cycle 0: the truth model's initial state from N(0, 1) noise (the model's
@@ -188,10 +200,12 @@ class Twin:
         prior = self.ensemble
         ens = prior
         inpainter = self.model.inpainter(*self.previous) if self.previous is not None else None
-        ctx = AnalysisContext(self.grid, self.domain, self.ensemble_streams, self.cycle, inpainter)
+        ctx = AnalysisContext(self.grid, self.grid_domain, self.ensemble_streams, self.cycle, inpainter)
         for stage in self.stages:
             ens = stage(ens, obs, ctx)
         self.ensemble = ens
+        if self.stations is not None:
+            self.stations.record(self.cycle, self.time, prior, ens)
         if self.domain.size == 1:
             self.recorder.record(self.cycle, self.time, prior, ens, self.truth, obs)
         else:
@@ -224,15 +238,22 @@ class Twin:
         return ObservationBatch(obs.time, values[order], err[order], ids[order], op)
 
     def forecast(self) -> torch.Tensor:
-        """Advance the ensemble `observations.every` model steps to the next cycle."""
-        x = self.ensemble
-        for i in range(self.steps_per_cycle):
-            t = self.time + i * self.model.dt
-            if self._keep_previous and i == self.steps_per_cycle - 1:
-                self.previous = (x, t)
-            x = self.model.step(x, t)
+        """Advance the ensemble `observations.every` model steps to the next cycle (under a member
+        split: this group's members, then all-gathered)."""
+        split = self.split
+        x = self.ensemble if split is None else self.ensemble[split.members]
+        with nullcontext() if split is None else split.member_keys(self.model):
+            for i in range(self.steps_per_cycle):
+                t = self.time + i * self.model.dt
+                if self._keep_previous and i == self.steps_per_cycle - 1:
+                    self.previous = (x, t)
+                x = self.model.step(x, t)
         if self.grid.mask is not None:  # models know nothing of the mask: masked points keep their fill
             x = torch.where(self.grid.mask_tensor()[self.domain.local_slices], x, x.new_zeros(()))
+        if split is not None:
+            x = split.allgather_members(x)
+            if self._keep_previous:
+                self.previous = (split.allgather_members(self.previous[0]), self.previous[1])
         self.ensemble = x
         if self.nature is not None:
             self.nature.release(self.cycle)

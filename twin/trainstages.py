@@ -1,0 +1,242 @@
+"""The resumable optimisation stages of `twin train`: the EDM teacher, consistency distillation and
+fair-CRPS fine-tuning of the single-step sampler.
+
+Each stage is Adam with linear warm-up and cosine decay and an EMA of the weights (what ships), writes
+`OUT/<stage>_state.pt` every `checkpoint_every` iterations (atomically) and resumes from it only when
+its digest — data, settings and every earlier stage — matches. Everything random comes from seeded
+`torch.Generator`s, so an interrupted stage continues exactly where it stopped.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+
+from emulators.diffusion.consistency import (ConsistencyPrecond, ascending_sigmas, distillation_loss,
+                                              one_step_sample, rollout_crps)
+from emulators.diffusion.edm import Precond, edm_loss
+from twin.config import ConfigError
+from twin.trainpairs import Pairs
+
+if TYPE_CHECKING:
+    from twin.train import TrainCase
+
+
+def config_digest(obj: Any) -> str:
+    """A short stable hash of a JSON-able object (what a resume point must match)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _lr(peak: float, warmup: int, iterations: int, floor: float, it: int) -> float:
+    """Linear warm-up, then cosine decay from `peak` to `floor` · peak at `iterations`."""
+    warm = min(1.0, (it + 1) / warmup) if warmup else 1.0
+    return peak * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(it / iterations, 1.0))))
+
+
+def _validation_loss(model: Precond, pairs: Pairs, case: TrainCase) -> float:
+    """EDM loss of `model` on fixed held-out pairs with fixed σ and noise (comparable across time)."""
+    g = torch.Generator().manual_seed(case.train.seed + 7919)
+    n = min(case.train.validation_pairs, pairs.count)
+    index = torch.randperm(pairs.count, generator=g)[:n]
+    total = 0.0
+    with torch.no_grad():
+        for chunk in index.split(16):
+            target, cond, mask = pairs.batch(chunk)
+            total += float(edm_loss(pairs.net(model, mask), target, cond, pairs.pad, case.edm, g)) * len(chunk)
+    return total / n
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """One resumable optimisation stage: where it saves, what it must match, how long, how fast."""
+
+    name: str
+    state_file: Path
+    digest: str
+    iterations: int
+    checkpoint_every: int
+    lr: Callable[[int], float]
+    ema: Callable[[int], float]
+    grad_clip: float = 1.0
+
+
+def _run_stage(stage: _Stage, live: nn.Module, ema: nn.Module, loss_fn: Callable[[int], torch.Tensor],
+               validate: Callable[[], float], gen: torch.Generator, resume: bool, case_file: str,
+               quiet: bool) -> tuple[list[dict], float]:
+    """Adam on `live` with an EMA copy in `ema`; resumes from, and writes, `stage.state_file`.
+    Returns the history ({iteration, loss, validation} at each resume point) and the wall time."""
+    from tqdm import tqdm
+
+    opt = torch.optim.Adam(live.parameters(), lr=stage.lr(0))
+    start, history, wall = 0, [], 0.0
+    if resume and stage.state_file.is_file():
+        st = torch.load(stage.state_file, weights_only=True)
+        if st.get("digest") != stage.digest:
+            raise ConfigError(case_file, "", f"{stage.state_file} belongs to a different training set-up "
+                              "(resume=False / --restart to start afresh, or another output folder)")
+        live.load_state_dict(st["net"])
+        ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["opt"])
+        gen.set_state(st["gen"])
+        start, history, wall = int(st["iteration"]), list(st["history"]), float(st["wall"])
+    t0, running = time.perf_counter(), []
+    bar = tqdm(total=stage.iterations, initial=start, desc=stage.name, unit="it", disable=quiet)
+    for it in range(start, stage.iterations):
+        for group in opt.param_groups:
+            group["lr"] = stage.lr(it)
+        loss = loss_fn(it)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(live.parameters(), stage.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), live.parameters()):
+                pe.lerp_(p, 1 - stage.ema(it))
+        running.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(running) / len(running):.4g}")
+        done = it + 1
+        if done % stage.checkpoint_every == 0 or done == stage.iterations:
+            history.append({"iteration": done, "loss": sum(running) / len(running), "validation": validate()})
+            running = []
+            atomic_save({"digest": stage.digest, "iteration": done, "net": live.state_dict(),
+                          "ema": ema.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                          "history": history, "wall": wall + time.perf_counter() - t0}, stage.state_file)
+    bar.close()
+    return history, wall + time.perf_counter() - t0
+
+
+def _shifting(case: TrainCase, pairs: Pairs) -> bool:
+    """Random shifts along x: asked for, valid for the grid (periodic in x) and the static channels."""
+    return case.train.shift_x and pairs.periodic_x and not any(s.endswith("_x") for s in case.network.static)
+
+
+def teacher_stage(case: TrainCase, folder: Path, data_key: str, net: nn.Module, model: Precond, ema: Precond,
+                   train_pairs: Pairs, val_pairs: Pairs, width: int, resume: bool, file: str,
+                   quiet: bool) -> tuple[list[dict], float, str]:
+    """The EDM denoiser (the multi-step sampler's network). Returns history, wall time, digest."""
+    t = case.train
+    gen = torch.Generator().manual_seed(t.seed + 1)
+    digest = config_digest({"data": data_key, "network": dataclasses.asdict(case.network),
+                      "edm": dataclasses.asdict(case.edm),
+                      "train": {k: v for k, v in dataclasses.asdict(t).items()
+                                if k not in ("iterations", "checkpoint_every", "threads", "validation_pairs")}})
+    shift = _shifting(case, train_pairs)
+
+    def loss(it: int) -> torch.Tensor:
+        index = torch.randint(train_pairs.count, (t.batch_size,), generator=gen)
+        shifts = torch.randint(width, (t.batch_size,), generator=gen) if shift else None
+        target, cond, mask = train_pairs.batch(index, shifts)
+        return edm_loss(train_pairs.net(model, mask), target, cond, train_pairs.pad, case.edm, gen)
+
+    stage = _Stage(f"train {case.name}", folder / "train_state.pt", digest, t.iterations, t.checkpoint_every,
+                   lambda it: _lr(t.lr, t.warmup, t.iterations, t.final_lr_fraction, it),
+                   lambda it: min(t.ema, (1 + it) / (10 + it)), t.grad_clip)
+    history, wall = _run_stage(stage, net, ema, loss, lambda: _validation_loss(ema, val_pairs, case), gen,
+                               resume, file, quiet)
+    return history, wall, digest
+
+
+def distill_stage(case: TrainCase, folder: Path, teacher: Precond, teacher_key: str, train_pairs: Pairs,
+                   val_pairs: Pairs, width: int, resume: bool, file: str,
+                   quiet: bool) -> tuple[ConsistencyPrecond, list[dict], float, str]:
+    """Consistency distillation of the teacher: the single-step sampler's network (EMA weights)."""
+    d = case.distill
+    gen = torch.Generator().manual_seed(case.train.seed + 2)
+    digest = config_digest({"teacher": teacher_key, "distill": {k: v for k, v in dataclasses.asdict(d).items()
+                                                          if k not in ("iterations", "checkpoint_every")}})
+    student = ConsistencyPrecond(copy.deepcopy(teacher.net).requires_grad_(True), teacher.sigma_data, d.sigma_min)
+    ema = copy.deepcopy(student).requires_grad_(False)
+    sigmas = ascending_sigmas(d.steps, d.sigma_min, d.sigma_max, d.rho)
+    shift = _shifting(case, train_pairs)
+
+    def loss(it: int) -> torch.Tensor:
+        index = torch.randint(train_pairs.count, (d.batch_size,), generator=gen)
+        shifts = torch.randint(width, (d.batch_size,), generator=gen) if shift else None
+        target, cond, mask = train_pairs.batch(index, shifts)
+        return distillation_loss(train_pairs.net(student, mask), train_pairs.net(teacher, mask), target, cond,
+                                 train_pairs.pad, sigmas, gen)
+
+    def validate() -> float:
+        g = torch.Generator().manual_seed(case.train.seed + 7919)
+        index = torch.randperm(val_pairs.count, generator=g)[:min(case.train.validation_pairs, val_pairs.count)]
+        total = 0.0
+        with torch.no_grad():
+            for chunk in index.split(16):
+                target, cond, mask = val_pairs.batch(chunk)
+                total += float(distillation_loss(val_pairs.net(ema, mask), val_pairs.net(teacher, mask), target,
+                                                 cond, val_pairs.pad, sigmas, g)) * len(chunk)
+        return total / len(index)
+
+    stage = _Stage("distill", folder / "distill_state.pt", digest, d.iterations, d.checkpoint_every,
+                   lambda it: _lr(d.lr, d.warmup, d.iterations, 0.1, it), lambda it: min(d.ema, (1 + it) / (10 + it)))
+    history, wall = _run_stage(stage, student.net, ema, loss, validate, gen, resume, file, quiet)
+    return ema, history, wall, digest
+
+
+def crps_stage(case: TrainCase, folder: Path, distilled: ConsistencyPrecond, distill_key: str,
+                train_pairs: Pairs, val_pairs: Pairs, width: int, resume: bool, file: str,
+                quiet: bool) -> tuple[ConsistencyPrecond, list[dict], float]:
+    """Autoregressive fine-tuning of the single-step sampler with the fair CRPS over unrolled steps."""
+    c = case.crps
+    sigma_max = case.distill.sigma_max
+    gen = torch.Generator().manual_seed(case.train.seed + 3)
+    digest = config_digest({"distill": distill_key, "crps": {k: v for k, v in dataclasses.asdict(c).items()
+                                                       if k not in ("iterations", "checkpoint_every")},
+                      "iterations": c.iterations})
+    live = copy.deepcopy(distilled).requires_grad_(True)
+    ema = copy.deepcopy(distilled).requires_grad_(False)
+    shift = _shifting(case, train_pairs)
+    p = train_pairs
+
+    def stepper(model: ConsistencyPrecond, mask: torch.Tensor | None
+                ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """One emulator step of the M·B members; points outside `mask` (B, C, y, x) are held fixed."""
+        keep = None if mask is None else mask.repeat(c.members, 1, 1, 1)
+        run = p.net(model, keep)
+
+        def step(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+            cond = p.condition((x - p.mean) / p.std)
+            out = x + p.inc_mean + p.inc_std * one_step_sample(run, z, sigma_max, cond, p.pad)
+            return out if keep is None else torch.where(keep, out, x)
+        return step
+
+    def loss(it: int) -> torch.Tensor:
+        phase = min(it * len(c.unroll) // c.iterations, len(c.unroll) - 1)
+        steps = c.unroll[phase]
+        b = max(1, c.rollout_pairs // steps)
+        index = torch.randint(p.rollout_count(steps), (b,), generator=gen)
+        shifts = torch.randint(width, (b,), generator=gen) if shift else None
+        start, truth, mask = p.rollout(index, steps, shifts)
+        noise = lambda k: torch.randn((c.members * b, *start.shape[1:]), generator=gen)  # noqa: E731
+        return rollout_crps(stepper(live, mask), start, truth, c.members, noise, p.std)
+
+    def validate() -> float:
+        g = torch.Generator().manual_seed(case.train.seed + 7919)
+        n = min(c.validation_states, val_pairs.rollout_count(2))
+        index = torch.randperm(val_pairs.rollout_count(2), generator=g)[:n]
+        start, truth, mask = val_pairs.rollout(index, 2)
+        noise = lambda k: torch.randn((c.members * n, *start.shape[1:]), generator=g)  # noqa: E731
+        with torch.no_grad():
+            return float(rollout_crps(stepper(ema, mask), start, truth, c.members, noise, p.std))
+
+    stage = _Stage("crps", folder / "crps_state.pt", digest, c.iterations, c.checkpoint_every,
+                   lambda it: _lr(c.lr, c.warmup, c.iterations, 0.1, it), lambda it: min(c.ema, (1 + it) / (10 + it)))
+    history, wall = _run_stage(stage, live.net, ema, loss, validate, gen, resume, file, quiet)
+    return ema, history, wall
