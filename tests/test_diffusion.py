@@ -389,9 +389,9 @@ def test_shipped_training_case_and_weights_are_valid():
     root = Path(__file__).parents[1]
     case, _ = load_train_case(root / "cases" / "sqg_train.yaml")
     assert case.truth[0] == "sqg"
-    weights = root / "emulators" / "weights" / "sqg_edm_v0.pt"
+    weights = root / "emulators" / "weights" / "sqg_edm_v1.pt"
     if weights.exists():
-        ck = load_checkpoint("sqg_edm_v0.pt")
+        ck = load_checkpoint("sqg_edm_v1.pt")
         assert ck.grid_shape == (64, 64) and weights.stat().st_size < 20e6
 
 
