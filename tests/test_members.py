@@ -9,8 +9,7 @@ import torch
 
 from twin import Twin
 from twin.config import ConfigError, load_case
-from twin.members import LayoutError, MemberBlockStreams, member_groups
-from twin.random import Streams
+from twin.members import LayoutError, member_groups
 
 CASE = Path(__file__).parents[1] / "cases" / "lorenz96_letkf.yaml"
 
@@ -43,9 +42,10 @@ def test_serial_run_with_ranks_per_member_never_imports_mpi4py():
                    env={k: v for k, v in os.environ.items() if not k.startswith(("PMI", "OMPI", "MPI_"))})
 
 
-def test_member_block_streams_key_by_global_member():
-    base, block = Streams(5), MemberBlockStreams(5, first_member=3)
-    out, ref = torch.zeros(4).numpy(), torch.zeros(4).numpy()
-    block.normal_stream("sampler", (2, 0, 1)).fill(10, out)
-    base.normal_stream("sampler", (2, 0, 4)).fill(10, ref)
-    assert (out == ref).all()
+def test_emulator_step_keys_members_by_global_index(tmp_path):
+    """Members 3.. of a block, stepped with first_member=3, draw what those members draw in one block."""
+    from test_diffusion import make_emulator, write_checkpoint
+
+    em = make_emulator(write_checkpoint(tmp_path / "c.pt"))
+    x = torch.randn(5, 2, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(em.step(x[3:], 0.0, first_member=3), em.step(x, 0.0)[3:], rtol=1e-12, atol=1e-12)

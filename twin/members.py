@@ -9,21 +9,18 @@ blocks are all-gathered over the member communicator, so the assimilation stages
 output see (all members, local subdomain) exactly as with K = all ranks — computed by every group
 alike (the same keyed numbers), each group then forecasting its own block. Every rank thus holds all
 members of its subdomain (memory is split by subdomain only), and the truth run is repeated in each
-group. Random draws are keyed by global member index: a model's member-keyed sampler noise through
-`MemberBlockStreams` while it steps a block. No import of mpi4py here: the communicators come in
+group. Random draws are keyed by global member index: a member-keyed model (the diffusion emulator) gets
+the block's first member in `step(..., first_member=...)`. No import of mpi4py here: the communicators come in
 from `mpi_world()` or the caller.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from twin.domain import Decomposition, Grid, make_domain, mpi_world
-from twin.random import NormalStream, Streams
 
 
 class LayoutError(ValueError):
@@ -54,17 +51,6 @@ def run_domain(grid: Grid, decomposition: str, ranks_per_member: int | None, mem
     if member_groups(world.Get_size(), ranks_per_member, members) == 1:
         return make_domain(grid, decomposition, world)
     return MemberSplitDomain(grid, world, ranks_per_member, members)
-
-
-@dataclass(frozen=True)
-class MemberBlockStreams(Streams):
-    """`Streams` whose member-keyed bulk streams (member = the last key, as the diffusion emulator
-    keys its sampler) are those of global member `first_member` + the local member index."""
-
-    first_member: int = 0
-
-    def normal_stream(self, purpose: str, keys: tuple[int, ...]) -> NormalStream:
-        return super().normal_stream(purpose, keys[:-1] + (keys[-1] + self.first_member,))
 
 
 class MemberSplitDomain:
@@ -127,17 +113,3 @@ class MemberSplitDomain:
         counts = [(b.stop - b.start) * per_member for b in self.blocks]
         self.member_comm.Allgatherv(send, [out, counts])
         return torch.from_numpy(out)
-
-    @contextmanager
-    def member_keys(self, model: object) -> Iterator[None]:
-        """While stepping this group's block, a model's member-keyed noise (`model.streams`) is keyed
-        by global member index; outside (truth runs, learned inpainting of all members) as before."""
-        streams = getattr(model, "streams", None)
-        if self.members.start == 0 or not isinstance(streams, Streams):
-            yield
-            return
-        model.streams = MemberBlockStreams(streams.seed, self.members.start)
-        try:
-            yield
-        finally:
-            model.streams = streams

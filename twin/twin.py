@@ -6,7 +6,6 @@ It has no numerics of its own. Each cycle k: observations at t_k, the stages tur
 from __future__ import annotations
 
 import time as _time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -242,12 +241,14 @@ class Twin:
         split: this group's members, then all-gathered)."""
         split = self.split
         x = self.ensemble if split is None else self.ensemble[split.members]
-        with nullcontext() if split is None else split.member_keys(self.model):
-            for i in range(self.steps_per_cycle):
-                t = self.time + i * self.model.dt
-                if self._keep_previous and i == self.steps_per_cycle - 1:
-                    self.previous = (x, t)
-                x = self.model.step(x, t)
+        # a member-keyed model draws global members' numbers for this group's block
+        keyed = {"first_member": split.members.start} if split is not None and getattr(
+            self.model, "member_keyed", False) else {}
+        for i in range(self.steps_per_cycle):
+            t = self.time + i * self.model.dt
+            if self._keep_previous and i == self.steps_per_cycle - 1:
+                self.previous = (x, t)
+            x = self.model.step(x, t, **keyed)
         if self.grid.mask is not None:  # models know nothing of the mask: masked points keep their fill
             x = torch.where(self.grid.mask_tensor()[self.domain.local_slices], x, x.new_zeros(()))
         if split is not None:

@@ -149,17 +149,22 @@ class DiffusionEmulator:
         """Climatological draw mean + std · noise per variable (for a truth run of the emulator)."""
         return self.mean + self.std * noise.to(self.dtype)
 
-    def step(self, ens: torch.Tensor, t: float = 0.0) -> torch.Tensor:
-        """Advance every member (member, variable, y, x) by Δ = `dt` seconds; round(t / Δ) keys the noise."""
+    member_keyed = True  # step() takes `first_member`: the twin passes it when ranks split the members
+
+    def step(self, ens: torch.Tensor, t: float = 0.0, first_member: int = 0) -> torch.Tensor:
+        """Advance every member (member, variable, y, x) by Δ = `dt` seconds; round(t / Δ) keys the noise,
+        and member m of `ens` draws global member first_member + m's numbers."""
         key = int(round(t / self.dt))
         if self._gather:
             full = self.domain.gather(ens)
-            out = None if full is None else self._sample(full.to(self.dtype), self._serial, self._global, key)
+            out = None if full is None else self._sample(full.to(self.dtype), self._serial, self._global, key,
+                                                         first_member)
             return self.domain.scatter(out).to(ens.dtype)
-        return self._sample(ens.to(self.dtype), self.domain, self._local, key).to(ens.dtype)
+        return self._sample(ens.to(self.dtype), self.domain, self._local, key, first_member).to(ens.dtype)
 
     @torch.no_grad()
-    def _sample(self, x: torch.Tensor, domain: Decomposition, plan: tuple, key: int) -> torch.Tensor:
+    def _sample(self, x: torch.Tensor, domain: Decomposition, plan: tuple, key: int,
+                first_member: int = 0) -> torch.Tensor:
         width, read, keep, static = plan
         members = x.shape[0]
 
@@ -173,7 +178,7 @@ class DiffusionEmulator:
             return self.model(z, s, cond, pad)[(..., *keep)]
 
         c = self.config
-        noise = self._noise_fn(key, members, domain)
+        noise = self._noise_fn(key, members, domain, first_member=first_member)
         if c.sampler == "single_step":
             sigma_max = self.ckpt.single_step["sigma_max"]
             inc = denoise(noise(0) * sigma_max, sigma_max)
@@ -226,15 +231,16 @@ class DiffusionEmulator:
                 x = clean + levels[k + 1] * noise(k + 1)
         return torch.where(known, field, previous + self.inc_mean + self.inc_std * clean)
 
-    def _noise_fn(self, key: int, members: int, domain: Decomposition,
-                  purpose: str = "sampler") -> Callable[[int], torch.Tensor]:
-        """noise(k): standard normals (members, variables, *local) for sub-step k of step `key`."""
+    def _noise_fn(self, key: int, members: int, domain: Decomposition, purpose: str = "sampler",
+                  first_member: int = 0) -> Callable[[int], torch.Tensor]:
+        """noise(k): standard normals (members, variables, *local) for sub-step k of step `key`, member m
+        keyed as global member first_member + m."""
         nvar, size, nx = len(self.variables), self.grid.size, self.grid.shape[1]
         ys, xs = domain.local_slices
         ly, lx = ys.stop - ys.start, xs.stop - xs.start
 
         def noise(k: int) -> torch.Tensor:
-            streams = [self.streams.normal_stream(purpose, (key, k, m)) for m in range(members)]
+            streams = [self.streams.normal_stream(purpose, (key, k, first_member + m)) for m in range(members)]
             out = np.empty((nvar, members, ly, lx), dtype=np.float32)
             for v in range(nvar):
                 if lx == nx:  # whole rows: one contiguous run of positions per member
