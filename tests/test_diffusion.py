@@ -279,7 +279,7 @@ class _Tile:
 
 @pytest.mark.parametrize("rows,cols", [((0, 14, 32), (0, 32)), ((0, 16, 32), (0, 12, 32)), ((0, 4, 32), (0, 32))])
 def test_decomposed_step_equals_serial_step(tmp_path, rows, cols):
-    """Unaligned tiles (alignment slack), aligned 2x2 tiles, and a tile thinner than the halo (gather)."""
+    """Unaligned tiles (alignment slack), aligned 2x2 tiles, and a tile thinner than the halo."""
     path = write_checkpoint(tmp_path / "c.pt")
     grid = DiffusionEmulator.global_grid(DiffusionEmulator.Config(checkpoint=str(path)))
     x = torch.randn(2, 2, 32, 32, dtype=torch.float64) * 5
@@ -291,24 +291,32 @@ def test_decomposed_step_equals_serial_step(tmp_path, rows, cols):
 
 
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("n", [64, 32])
-def test_mpi_step_equals_serial_step(tmp_path, n):
-    """Under mpiexec: 64 x 64 splits into subdomains wider than the halo (local path), 32 x 32 does not
-    (gather path); both give the serial step. Each rank writes the same checkpoint to its own folder."""
+@pytest.mark.parametrize("shape,axes_periodic", [((64, 64), (True, True)), ((32, 32), (True, True)),
+                                                 ((12, 12), (True, True)), ((18, 10), (True, False))])
+def test_mpi_step_equals_serial_step(tmp_path, shape, axes_periodic):
+    """Under mpiexec: 64 x 64 splits into subdomains wider than the halo (26 + slack); on 32 x 32 the
+    halo spans two subdomains, on 12 x 12 and 18 x 10 (uneven alignment slack, an open axis) it wraps
+    round the grid more than once. Every split steps on its subdomains over multi-hop halo exchange and
+    gives the serial step; so does learned inpainting. Each rank writes the same checkpoint to its own
+    folder."""
     from mpi4py import MPI
 
     from twin.mpi_domain import MPIDomain
 
-    path = write_checkpoint(tmp_path / "c.pt", shape=(n, n))
+    path = write_checkpoint(tmp_path / "c.pt", shape=shape, periodic=axes_periodic)
     config = DiffusionEmulator.Config(checkpoint=str(path), steps=3, churn=1.0)
     grid = DiffusionEmulator.global_grid(config)
-    x = torch.randn(2, 2, n, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    serial = make_emulator(path).step(x, 0.0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 2, *shape, generator=g, dtype=torch.float64)
+    field = torch.randn(2, 2, *shape, generator=g, dtype=torch.float64)
+    known = torch.rand(2, *shape, generator=g) < 0.3
+    serial = make_emulator(path)
     dom = MPIDomain(grid, MPI.COMM_WORLD)
     em = DiffusionEmulator(config, dom, torch.float64)
-    assert em._gather == (n == 32)
-    local = em.step(x[(..., *dom.local_slices)], 0.0)
-    torch.testing.assert_close(local, serial[(..., *dom.local_slices)], atol=1e-9, rtol=0)
+    sl = (..., *dom.local_slices)
+    torch.testing.assert_close(em.step(x[sl], 0.0), serial.step(x, 0.0)[sl], atol=1e-9, rtol=1e-6)
+    torch.testing.assert_close(em.inpainter(x[sl], 0.0)(field[sl], known[sl]),
+                               serial.inpainter(x, 0.0)(field, known)[sl], atol=1e-9, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- training

@@ -26,10 +26,6 @@ def mpi_domain(grid):
 def test_halo_exchange_equals_serial_periodic_pad(n, w, members):
     grid = Grid((n,), (True,))
     dom = mpi_domain(grid)
-    if w > n // dom.size:
-        with pytest.raises(ValueError, match="smallest subdomain"):  # every rank raises: no deadlock
-            dom.exchange_halo(torch.zeros(members, 1, dom.local_shape[0]), w)
-        return
     x = torch.arange(members * n, dtype=torch.float64).reshape(members, 1, n)
     local = x[..., dom.local_slices[0]]
     padded = dom.exchange_halo(local, w)
@@ -55,6 +51,32 @@ def test_2d_halo_and_gather_scatter(ny, nx, periodic_y):
     ref = SerialDomain(grid).exchange_halo(x, 1)
     ys, xs = dom.local_slices
     assert torch.equal(padded, ref[..., ys.start:ys.stop + 2, xs.start:xs.stop + 2])
+
+
+@settings(same_on_all_ranks, max_examples=80)
+@given(data=st.data())
+def test_halo_exchange_of_any_width_equals_serial_pad(data):
+    """Widths from 0 to 3x the axis: past the neighbour's block (several hops), past the whole
+    periodic axis (wrapping more than once), zeros past open edges; uneven splits, 1-D and 2-D."""
+    from mpi4py import MPI
+
+    from twin.mpi_domain import MPIDomain
+
+    size = MPI.COMM_WORLD.Get_size()
+    nd = data.draw(st.integers(1, 2), label="ndim")
+    split = data.draw(st.sampled_from([d for d in range(1, size + 1) if size % d == 0]),
+                      label="ranks on axis 0")
+    dims = (size,) if nd == 1 else (split, size // split)
+    shape = tuple(data.draw(st.integers(max(2, p), 12), label=f"n{i}") for i, p in enumerate(dims))
+    periodic = tuple(data.draw(st.booleans(), label=f"periodic{i}") for i in range(nd))
+    widths = tuple(data.draw(st.integers(0, 3 * n), label=f"w{i}") for i, n in enumerate(shape))
+    members = data.draw(st.integers(1, 2), label="members")
+    grid = Grid(shape, periodic)
+    dom = MPIDomain(grid, MPI.COMM_WORLD, dims)
+    x = 1 + torch.arange(members * 2 * grid.size, dtype=torch.float64).reshape(members, 2, *shape)
+    padded = dom.exchange_halo(x[(..., *dom.local_slices)].clone(), widths if nd > 1 else widths[0])
+    window = tuple(slice(s.start, s.stop + 2 * w) for s, w in zip(dom.local_slices, widths))
+    assert torch.equal(padded, pad_halo(x, widths, periodic)[(..., *window)])
 
 
 def test_decomposed_lorenz96_equals_serial():

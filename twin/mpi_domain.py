@@ -2,7 +2,10 @@
 
 Each rank owns a block of the global grid (uneven splits allowed: the first `n % p` blocks get one
 more point). Halos are exchanged axis by axis with the two neighbours (corners come along because
-later axes send the already padded array). Only imported when running under mpiexec.
+later axes send the already padded array). A halo of any width works: where it reaches past the
+neighbour's block, further hops pass on what the previous hop brought (the same hop count on every
+rank, so no rank waits), wrapping more than once round a periodic axis narrower than the halo. The
+result equals the serial `pad_halo` of the global field. Only imported when running under mpiexec.
 """
 from __future__ import annotations
 
@@ -22,6 +25,20 @@ def block_range(n: int, parts: int, index: int) -> tuple[int, int]:
     return start, start + base + (1 if index < extra else 0)
 
 
+def hop_counts(sizes: Sequence[int], periodic: bool, width: int, index: int, step: int) -> list[int]:
+    """Points block `index` receives at hops 1, 2, ... for its halo of `width` on the side `step`
+    (-1 below, +1 above), blocks of `sizes` along an axis: hop k brings the edge of block index + k·step
+    nearest to it; past an open edge nothing comes (the rest of the halo is zeros)."""
+    counts, left, parts = [], width, len(sizes)
+    while left > 0:
+        j = index + step * (len(counts) + 1)
+        if not periodic and not 0 <= j < parts:
+            break
+        counts.append(min(left, sizes[j % parts]))
+        left -= counts[-1]
+    return counts
+
+
 class MPIDomain:
     """A Cartesian decomposition of `grid` over the ranks of `comm`."""
 
@@ -39,6 +56,7 @@ class MPIDomain:
         self.dims = tuple(dims)
         self.coords = tuple(self.comm.Get_coords(self.rank))
         self.local_slices = tuple(slice(*block_range(n, p, c)) for n, p, c in zip(grid.shape, dims, self.coords))
+        self._hops: dict[tuple[int, int], tuple[list[int], ...]] = {}
 
     @property
     def local_shape(self) -> tuple[int, ...]:
@@ -53,29 +71,59 @@ class MPIDomain:
         return flat.reshape(-1)
 
     def exchange_halo(self, x: torch.Tensor, width: int | Sequence[int]) -> torch.Tensor:
-        """Pad the trailing grid axes with `width` points from the neighbours (zeros at open edges)."""
+        """Pad the trailing grid axes with `width` points from the neighbours (zeros at open edges);
+        any width, over as many hops as the widest halo of any rank needs."""
         widths = (width,) * self.grid.ndim if isinstance(width, int) else tuple(width)
         nd = self.grid.ndim
         for axis, w in enumerate(widths):
             if w == 0:
                 continue
             dim = x.dim() - nd + axis
-            n = x.shape[dim]
-            smallest = min(b - a for a, b in (block_range(self.grid.shape[axis], self.dims[axis], i)
-                                              for i in range(self.dims[axis])))
-            if w > smallest:  # decided alike on every rank, so no rank is left waiting in Sendrecv
-                raise ValueError(f"halo width {w} exceeds the smallest subdomain ({smallest} points along "
-                                 f"axis {axis}): use fewer ranks")
             lo_src, hi_dst = self.comm.Shift(axis, 1)  # receive from lower, send to upper
-            send_hi = np.ascontiguousarray(x.narrow(dim, n - w, w).numpy())
-            send_lo = np.ascontiguousarray(x.narrow(dim, 0, w).numpy())
-            recv_lo = np.zeros_like(send_hi)
-            recv_hi = np.zeros_like(send_lo)
-            self.comm.Sendrecv(send_hi, dest=hi_dst, sendtag=axis * 2, recvbuf=recv_lo, source=lo_src, recvtag=axis * 2)
-            self.comm.Sendrecv(send_lo, dest=lo_src, sendtag=axis * 2 + 1, recvbuf=recv_hi, source=hi_dst,
-                               recvtag=axis * 2 + 1)
-            x = torch.cat([torch.from_numpy(recv_lo), x, torch.from_numpy(recv_hi)], dim=dim)
+            from_lo, from_hi, to_hi, to_lo = self._hop_plan(axis, w)
+            below: list[torch.Tensor] = []
+            above: list[torch.Tensor] = []
+            up = down = x  # what the next hop passes on: the own block, then what the last hop brought
+            for k in range(len(from_lo)):
+                up = self._sendrecv(up.narrow(dim, up.shape[dim] - to_hi[k], to_hi[k]), hi_dst, lo_src,
+                                    from_lo[k], dim, axis * 2)
+                down = self._sendrecv(down.narrow(dim, 0, to_lo[k]), lo_src, hi_dst, from_hi[k], dim,
+                                      axis * 2 + 1)
+                below.insert(0, up)
+                above.append(down)
+            zeros = [list(x.shape), list(x.shape)]
+            zeros[0][dim], zeros[1][dim] = w - sum(from_lo), w - sum(from_hi)
+            x = torch.cat([x.new_zeros(zeros[0]), *below, x, *above, x.new_zeros(zeros[1])], dim=dim)
         return x
+
+    def _hop_plan(self, axis: int, width: int) -> tuple[list[int], ...]:
+        """Points per hop along `axis` that this rank receives from below and from above, and sends
+        up and down (what the upper / lower neighbour receives). The hop count, the longest any rank
+        needs, depends only on the grid, the split and the width, so every rank makes as many calls."""
+        key = (axis, width)
+        if key not in self._hops:
+            parts, periodic, c = self.dims[axis], self.grid.periodic[axis], self.coords[axis]
+            sizes = [b - a for a, b in (block_range(self.grid.shape[axis], parts, i) for i in range(parts))]
+            lo = [hop_counts(sizes, periodic, width, i, -1) for i in range(parts)]
+            hi = [hop_counts(sizes, periodic, width, i, +1) for i in range(parts)]
+            hops = max(len(counts) for counts in lo + hi)
+
+            def of(counts: list[list[int]], i: int) -> list[int]:  # none for a rank past an open edge
+                own = counts[i % parts] if periodic or 0 <= i < parts else []
+                return own + [0] * (hops - len(own))
+
+            self._hops[key] = (of(lo, c), of(hi, c), of(lo, c + 1), of(hi, c - 1))
+        return self._hops[key]
+
+    def _sendrecv(self, send: torch.Tensor, dest: int, source: int, count: int, dim: int,
+                  tag: int) -> torch.Tensor:
+        """Send `send` to `dest` while receiving `count` points along `dim` from `source`."""
+        shape = list(send.shape)
+        shape[dim] = count
+        buf = np.ascontiguousarray(send.numpy())
+        recv = np.empty(shape, dtype=buf.dtype)
+        self.comm.Sendrecv(buf, dest=dest, sendtag=tag, recvbuf=recv, source=source, recvtag=tag)
+        return torch.from_numpy(recv)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor | None:
         """The global field on rank 0 (None elsewhere), from the local blocks (..., *local)."""

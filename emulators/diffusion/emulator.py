@@ -9,8 +9,8 @@ the state keeps the target small and near σ_d = 1, and makes persistence the ze
 Locality: the network consumes a halo of `receptive_halo` points and needs tiles aligned to
 `alignment` points; each denoiser evaluation exchanges a halo of `halo` points through the domain
 object (receptive_halo plus the largest alignment slack of any rank's subdomain: one width for all
-ranks, as neighbours exchange equal strips). Where some subdomain is thinner
-than that, every step gathers the ensemble on rank 0 and samples there (still rank-count-independent).
+ranks, as neighbours exchange equal strips), over several hops where a subdomain is thinner than that,
+so every rank always samples its own subdomain.
 Noise comes from `Streams(seed).normal_stream("sampler", (step, sub_step, member))` at positions
 variable · grid.size + global flat index, so members draw independent noise and a subdomain reads the
 serial run's numbers. The network runs in the run's dtype (float32 or float64).
@@ -29,7 +29,7 @@ from emulators.diffusion.checkpoint import CheckpointMismatch, load_checkpoint
 from emulators.diffusion.consistency import ConsistencyPrecond
 from emulators.diffusion.edm import Precond, heun_sample
 from emulators.registry import register_model
-from twin.domain import Decomposition, Grid, SerialDomain
+from twin.domain import Decomposition, Grid
 from twin.random import Streams, fill_rows
 
 SAMPLERS = ("heun", "single_step")
@@ -93,14 +93,9 @@ class DiffusionEmulator:
         self.mean, self.std, self.inc_mean, self.inc_std = (stat[k] for k in ("state_mean", "state_std",
                                                                                "inc_mean", "inc_std"))
         # one halo width for all ranks (neighbours must exchange equal strips): the largest need
-        needs = domain.allgather_object((self._need(domain.local_slices), min(domain.local_shape)))
-        width = max(n for n, _ in needs)
-        self._gather = domain.size > 1 and width > min(e for _, e in needs)
+        width = max(domain.allgather_object(self._need(domain.local_slices)))
         self._local = self._plan(domain.local_slices, width)
         self.halo = width
-        if self._gather:
-            self._serial = SerialDomain(domain.grid)
-            self._global = self._plan(self._serial.local_slices, self._need(self._serial.local_slices))
 
     @staticmethod
     def validate(config: "DiffusionEmulator.Config") -> None:
@@ -155,21 +150,15 @@ class DiffusionEmulator:
         """Advance every member (member, variable, y, x) by Δ = `dt` seconds; round(t / Δ) keys the noise,
         and member m of `ens` draws global member first_member + m's numbers."""
         key = int(round(t / self.dt))
-        if self._gather:
-            full = self.domain.gather(ens)
-            out = None if full is None else self._sample(full.to(self.dtype), self._serial, self._global, key,
-                                                         first_member)
-            return self.domain.scatter(out).to(ens.dtype)
-        return self._sample(ens.to(self.dtype), self.domain, self._local, key, first_member).to(ens.dtype)
+        return self._sample(ens.to(self.dtype), key, first_member).to(ens.dtype)
 
     @torch.no_grad()
-    def _sample(self, x: torch.Tensor, domain: Decomposition, plan: tuple, key: int,
-                first_member: int = 0) -> torch.Tensor:
-        width, read, keep, static = plan
+    def _sample(self, x: torch.Tensor, key: int, first_member: int = 0) -> torch.Tensor:
+        width, read, keep, static = self._local
         members = x.shape[0]
 
         def pad(z: torch.Tensor, h: int = 0) -> torch.Tensor:
-            return domain.exchange_halo(z, width)[(..., *read)]
+            return self.domain.exchange_halo(z, width)[(..., *read)]
 
         cond = torch.cat([pad((x - self.mean) / self.std), static.expand(members, *static.shape)], dim=1)
 
@@ -178,7 +167,7 @@ class DiffusionEmulator:
             return self.model(z, s, cond, pad)[(..., *keep)]
 
         c = self.config
-        noise = self._noise_fn(key, members, domain, first_member=first_member)
+        noise = self._noise_fn(key, members, self.domain, first_member=first_member)
         if c.sampler == "single_step":
             sigma_max = self.ckpt.single_step["sigma_max"]
             inc = denoise(noise(0) * sigma_max, sigma_max)
@@ -199,30 +188,23 @@ class DiffusionEmulator:
         key = int(round(t / self.dt))
 
         def fill(field: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-            if self._gather:
-                parts = [self.domain.gather(v) for v in (previous, field, known[None].to(field.dtype))]
-                out = None if parts[0] is None else self._repaint(
-                    parts[0].to(self.dtype), parts[1].to(self.dtype), parts[2][0] > 0.5, self._serial,
-                    self._global, key)
-                return self.domain.scatter(out).to(field.dtype)
-            return self._repaint(previous.to(self.dtype), field.to(self.dtype), known, self.domain, self._local,
-                                 key).to(field.dtype)
+            return self._repaint(previous.to(self.dtype), field.to(self.dtype), known, key).to(field.dtype)
 
         return fill
 
     @torch.no_grad()
-    def _repaint(self, previous: torch.Tensor, field: torch.Tensor, known: torch.Tensor, domain: Decomposition,
-                 plan: tuple, key: int) -> torch.Tensor:
-        width, read, keep, static = plan
+    def _repaint(self, previous: torch.Tensor, field: torch.Tensor, known: torch.Tensor,
+                 key: int) -> torch.Tensor:
+        width, read, keep, static = self._local
         members = previous.shape[0]
 
         def pad(z: torch.Tensor, h: int = 0) -> torch.Tensor:
-            return domain.exchange_halo(z, width)[(..., *read)]
+            return self.domain.exchange_halo(z, width)[(..., *read)]
 
         cond = torch.cat([pad((previous - self.mean) / self.std), static.expand(members, *static.shape)], dim=1)
         target = (field - previous - self.inc_mean) / self.inc_std
         levels = self.config.inpaint_levels
-        noise = self._noise_fn(key, members, domain, "repaint")
+        noise = self._noise_fn(key, members, self.domain, "repaint")
         x = noise(0) * levels[0]
         for k, sigma in enumerate(levels):
             clean = self.model(x, torch.full((members,), sigma, dtype=self.dtype), cond, pad)[(..., *keep)]
