@@ -107,7 +107,8 @@ def test_single_step_emulator_is_deterministic_one_call_and_members_differ(tmp_p
     assert not torch.equal(a, make_emulator(path).step(x, 0.0))  # the Heun sampler uses the other network
 
 
-STAGES = ["--set", "distill.iterations=4", "--set", "distill.batch_size=2", "--set", "distill.checkpoint_every=2",
+STAGES = ["--set", "augment.iterations=4", "--set", "augment.batch_size=2", "--set", "augment.checkpoint_every=2",
+          "--set", "distill.iterations=4", "--set", "distill.batch_size=2", "--set", "distill.checkpoint_every=2",
           "--set", "distill.steps=4", "--set", "crps.iterations=4", "--set", "crps.unroll=[1,2]",
           "--set", "crps.rollout_pairs=2", "--set", "crps.checkpoint_every=2", "--set", "crps.validation_states=2"]
 
@@ -121,15 +122,20 @@ def test_training_stages_write_a_single_step_sampler_and_resume_exactly(tmp_path
 
     straight = train.train_from_case(train_case(tmp_path), overrides(), out=tmp_path / "a", quiet=True)
     ck = load_checkpoint(straight)
-    assert ck.single_step is not None and ck.training["stage_wall_seconds"].keys() == {"teacher", "distill", "crps"}
+    assert ck.single_step is not None
+    assert ck.training["stage_wall_seconds"].keys() == {"teacher", "augment", "distill", "crps"}
+    teacher = torch.load(tmp_path / "a" / "train_state.pt", weights_only=True)["ema"]
+    assert not all(torch.equal(ck.state_dict[k], teacher["net." + k]) for k in ck.state_dict)  # augment moved it
     em = make_emulator(straight, sampler="single_step")
     assert torch.isfinite(em.step(torch.randn(2, 2, 32, 32, dtype=torch.float64), 0.0)).all()
-    interrupted_at(monkeypatch, "crps_state.pt",
-                   lambda: train.train_from_case(train_case(tmp_path), overrides(), out=tmp_path / "b", quiet=True))
+    for stage in ("augment_state.pt", "crps_state.pt"):
+        interrupted_at(monkeypatch, stage,
+                       lambda: train.train_from_case(train_case(tmp_path), overrides(), out=tmp_path / "b", quiet=True))
     resumed = load_checkpoint(train.train_from_case(train_case(tmp_path), overrides(), out=tmp_path / "b",
                                                     quiet=True))
     a, b = ck.single_step["state_dict"], resumed.single_step["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(ck.state_dict[k], resumed.state_dict[k]) for k in ck.state_dict)
     assert not all(torch.equal(a[k], ck.state_dict[k]) for k in a)  # distilled weights moved off the teacher's
 
 
@@ -160,3 +166,19 @@ def test_skill_scores_against_direct_computation(tmp_path):
     assert rows[0]["rmse"] == pytest.approx(float((ens.mean(0) - truth[0, 1]).square().mean().sqrt()), rel=1e-5)
     roll = free_rollout(em, truth[0, 0], truth[0], steps=5)
     assert roll["finite"] and len(roll["variance_ratio_per_variable"]) == 2 and roll["days"] == 1.25
+
+
+@settings(max_examples=10, deadline=None)
+@given(noise=st.floats(0.05, 2.0), offset=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1))
+def test_augment_perturbations_have_the_stated_size_and_a_smooth_half(noise, offset, seed):
+    from twin.train import AugmentConfig
+    from twin.trainstages import perturbation
+
+    cfg = AugmentConfig(noise=noise, offset=offset, coarsening=8)
+    eps = perturbation((256, 2, 32, 24), cfg, torch.Generator().manual_seed(seed))
+    assert eps.shape == (256, 2, 32, 24)
+    # scale ~ U(0, noise), unit-variance shape plus an offset of std `offset`: E[ε²] = noise²/3 (1 + offset²)
+    assert float(eps.square().mean()) == pytest.approx(noise**2 / 3 * (1 + offset**2), rel=0.25)
+    lag = (eps[..., 1:] * eps[..., :-1]).mean() / eps.square().mean()  # smooth half: correlated neighbours
+    assert 0.25 < float(lag) < 0.95
+    assert not perturbation((4, 2, 32, 24), AugmentConfig(noise=0.0), torch.Generator()).any()

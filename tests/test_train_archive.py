@@ -20,6 +20,7 @@ name: archive
 data: {paths: ["part*.nc"], variables: [tas, sst], step: 6h, validation_fraction: 0.25}
 network: {channels: [8, 16], blocks: [1, 1], up_blocks: 1, embed: 16, static: [cos_y, sin_y]}
 train: {iterations: 4, batch_size: 2, warmup: 1, checkpoint_every: 2, threads: 1, validation_pairs: 2}
+augment: {iterations: 2, batch_size: 2, checkpoint_every: 2}
 distill: {iterations: 2, batch_size: 2, steps: 4, checkpoint_every: 2}
 crps: {iterations: 2, unroll: [1, 2], rollout_pairs: 2, validation_states: 2, checkpoint_every: 2}
 """
@@ -40,7 +41,7 @@ def test_archive_training_end_to_end(tmp_path, capsys):
     case, out = archive_case(tmp_path), tmp_path / "out"
     assert main(["validate", str(case)]) == 0
     assert main(["train", str(case), "--out", str(out), "--quiet"]) == 0
-    assert all((out / f).is_file() for f in ("train_state.pt", "distill_state.pt", "crps_state.pt", "stats.pt",
+    assert all((out / f).is_file() for f in ("train_state.pt", "augment_state.pt", "distill_state.pt", "crps_state.pt", "stats.pt",
                                              "checkpoint.pt", "config.yaml", "loss.png"))
     ck = load_checkpoint(out / "checkpoint.pt")
     with open_archive(config(), tmp_path, str(case)) as arc:

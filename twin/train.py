@@ -37,7 +37,8 @@ from twin.config import ConfigError, apply_override, duration_seconds, parse_dat
 from twin.domain import SerialDomain
 from twin.random import Streams
 from twin.trainpairs import ArchivePairs, Pairs, TruthPairs, lon_periodic
-from twin.trainstages import atomic_save, config_digest, crps_stage, distill_stage, teacher_stage
+from twin.trainstages import (atomic_save, augment_stage, config_digest, crps_stage, distill_stage,
+                              teacher_stage)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,21 @@ class TrainConfig:
     checkpoint_every: int = field(default=250, metadata={"min": 1, "help": "iterations between resume points"})
     validation_pairs: int = field(default=64, metadata={"min": 1, "help": "held-out pairs in the validation loss"})
     threads: int = field(default=1, metadata={"min": 1, "help": "torch threads (1 where cores are shared)"})
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    iterations: int = field(default=0, metadata={"min": 0, "help": "fine-tuning steps of the teacher on perturbed conditions (0: none)"})
+    noise: float = field(default=0.3, metadata={"min": 0, "help": "largest perturbation std (state-std units), "
+                                                "drawn uniformly per pair; the target removes it again"})
+    offset: float = field(default=0.3, metadata={"min": 0, "help": "std of a uniform offset per pair and variable "
+                                                 "(state-std units), inside the perturbation"})
+    coarsening: int = field(default=8, metadata={"min": 1, "help": "grid points per cell of the smooth half of the perturbation"})
+    batch_size: int = field(default=16, metadata={"min": 1, "help": "pairs per step"})
+    lr: float = field(default=1e-4, metadata={"gt": 0, "help": "peak learning rate (Adam)"})
+    warmup: int = field(default=50, metadata={"min": 0, "help": "linear warm-up iterations"})
+    ema: float = field(default=0.998, metadata={"min": 0, "max": 1, "help": "EMA decay of the shipped weights"})
+    checkpoint_every: int = field(default=100, metadata={"min": 1, "help": "iterations between resume points"})
 
 
 @dataclass(frozen=True)
@@ -116,6 +132,7 @@ class TrainCase:
     network: NetworkKeys = NetworkKeys()
     edm: EDMConfig = EDMConfig()
     train: TrainConfig = TrainConfig()
+    augment: AugmentConfig = AugmentConfig()
     distill: DistillConfig = DistillConfig()
     crps: CRPSConfig = CRPSConfig()
     out: str = ""
@@ -260,7 +277,7 @@ def _plot_losses(histories: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = {"teacher": "EDM loss", "distill": "consistency-distillation loss", "crps": "fair CRPS (std units)"}
+    labels = {"teacher": "EDM loss", "augment": "EDM loss, perturbed conditions", "distill": "consistency-distillation loss", "crps": "fair CRPS (std units)"}
     stages = [k for k in labels if histories.get(k)]
     fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)
     for ax, stage in zip(axes[0], stages):
@@ -380,6 +397,9 @@ def _train(case: TrainCase, raw: dict, file: str, folder: Path, source: _Source,
                                                                  train_pairs, val_pairs, nx, resume, file, quiet)
     if not histories["teacher"]:
         raise ConfigError(file, "train.iterations", "nothing to do")
+    if case.augment.iterations:
+        ema, histories["augment"], walls["augment"], key = augment_stage(
+            case, folder, ema, key, train_pairs, val_pairs, nx, resume, file, quiet)
     single = None
     if case.distill.iterations:
         single, histories["distill"], walls["distill"], key = distill_stage(
@@ -387,8 +407,9 @@ def _train(case: TrainCase, raw: dict, file: str, folder: Path, source: _Source,
         if case.crps.iterations:
             single, histories["crps"], walls["crps"] = crps_stage(case, folder, single, key, train_pairs, val_pairs,
                                                                    nx, resume, file, quiet)
-    final = histories["teacher"][-1]
-    training = {"case": case.name, "iterations": t.iterations, "final_loss": final["loss"],
+    final = (histories.get("augment") or histories["teacher"])[-1]  # the shipped denoiser's
+    training = {"case": case.name, "iterations": t.iterations, "augment_iterations": case.augment.iterations,
+                "final_loss": final["loss"],
                 "final_validation_loss": final["validation"], "wall_seconds": round(sum(walls.values()), 1),
                 "stage_wall_seconds": {k: round(v, 1) for k, v in walls.items()},
                 "parameters": parameter_count(net), **source.training, "seed": t.seed}

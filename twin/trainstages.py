@@ -29,7 +29,7 @@ from twin.config import ConfigError
 from twin.trainpairs import Pairs
 
 if TYPE_CHECKING:
-    from twin.train import TrainCase
+    from twin.train import AugmentConfig, TrainCase
 
 
 def config_digest(obj: Any) -> str:
@@ -151,6 +151,57 @@ def teacher_stage(case: TrainCase, folder: Path, data_key: str, net: nn.Module, 
     history, wall = _run_stage(stage, net, ema, loss, lambda: _validation_loss(ema, val_pairs, case), gen,
                                resume, file, quiet)
     return history, wall, digest
+
+
+def perturbation(shape: tuple[int, ...], config: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """Unit-scale perturbations (B, V, y, x) times a std drawn uniformly in [0, noise] per pair: half white,
+    half smooth (white on cells of `coarsening` points, bicubically interpolated), plus an offset per
+    pair and variable — the kinds of error an autoregressive rollout accumulates."""
+    b, v, ny, nx = shape
+    white = torch.randn(shape, generator=gen)
+    coarse = torch.randn((b, v, -(-ny // config.coarsening), -(-nx // config.coarsening)), generator=gen)
+    smooth = torch.nn.functional.interpolate(coarse, size=(ny, nx), mode="bicubic", align_corners=False)
+    smooth = smooth / smooth.flatten(2).std(2).clamp_min(1e-6)[..., None, None]
+    offset = torch.randn((b, v, 1, 1), generator=gen) * config.offset
+    scale = torch.rand((b, 1, 1, 1), generator=gen) * config.noise
+    return scale * ((white + smooth) / math.sqrt(2) + offset)
+
+
+def augment_stage(case: TrainCase, folder: Path, teacher: Precond, teacher_key: str, train_pairs: Pairs,
+                  val_pairs: Pairs, width: int, resume: bool, file: str,
+                  quiet: bool) -> tuple[Precond, list[dict], float, str]:
+    """Fine-tune the teacher on perturbed conditions x_t + ε whose target increment x_{t+Δ} − (x_t + ε)
+    removes ε again (the training noise of Sanchez-Gonzalez et al. 2020): the denoiser learns to pull
+    states that drifted off the attractor back, which is what keeps long free rollouts bounded.
+    Returns the EMA denoiser, history (validation: the clean EDM loss), wall time and digest."""
+    a = case.augment
+    gen = torch.Generator().manual_seed(case.train.seed + 4)
+    digest = config_digest({"teacher": teacher_key, "augment": {k: v for k, v in dataclasses.asdict(a).items()
+                                                          if k not in ("iterations", "checkpoint_every")},
+                            "iterations": a.iterations})
+    live = copy.deepcopy(teacher).requires_grad_(True)
+    ema = copy.deepcopy(teacher).requires_grad_(False)
+    shift = _shifting(case, train_pairs)
+    p = train_pairs
+    ratio = p.std / p.inc_std  # a state perturbation in increment units
+
+    def loss(it: int) -> torch.Tensor:
+        index = torch.randint(p.count, (a.batch_size,), generator=gen)
+        shifts = torch.randint(width, (a.batch_size,), generator=gen) if shift else None
+        target, cond, mask = p.batch(index, shifts)
+        eps = perturbation(target.shape, a, gen)
+        if mask is not None:
+            eps = eps * mask
+        h = p.halo  # the condition holds the standardised state at [h:h + ny, h:h + nx]
+        state = cond[:, :target.shape[1], h:h + target.shape[-2], h:h + target.shape[-1]]
+        return edm_loss(p.net(live, mask), target - ratio * eps, p.condition(state + eps), p.pad, case.edm, gen)
+
+    stage = _Stage("augment", folder / "augment_state.pt", digest, a.iterations, a.checkpoint_every,
+                   lambda it: _lr(a.lr, a.warmup, a.iterations, 0.1, it), lambda it: min(a.ema, (1 + it) / (10 + it)),
+                   case.train.grad_clip)
+    history, wall = _run_stage(stage, live, ema, loss, lambda: _validation_loss(ema, val_pairs, case), gen,
+                               resume, file, quiet)
+    return ema, history, wall, digest
 
 
 def distill_stage(case: TrainCase, folder: Path, teacher: Precond, teacher_key: str, train_pairs: Pairs,
