@@ -157,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _abort_on_failure(code: int, message: str | None, user_error: bool) -> int:
     """Under MPI a failure on one rank must end every rank promptly: print once, then Abort.
 
-    A user error happens alike on every rank, so only rank 0 reports it; any other failure is
-    reported by the rank that met it, with its rank number.
+    A user error happens alike on every rank, so rank 0 reports it and aborts the job; another rank
+    waits for that (a loaded machine may take seconds) and reports it itself only if rank 0 did not
+    abort within 10 s. Any other failure is reported by the rank that met it, with its rank number.
     """
     world = mpi_world()
     if world is None:
@@ -166,13 +167,14 @@ def _abort_on_failure(code: int, message: str | None, user_error: bool) -> int:
             _fail(message)
         return code
     rank = world.Get_rank()
-    if message is not None and (rank == 0 or not user_error):
-        print(f"error: {message}" if user_error else f"error (rank {rank}): {message}", file=sys.stderr, flush=True)
-    sys.stderr.flush()
     if user_error and rank != 0:
         import time
 
-        time.sleep(3.0)  # rank 0 meets the same user error: let it report before the abort
+        time.sleep(10.0)  # rank 0's Abort normally ends this rank here
+    if message is not None:
+        print(f"error: {message}" if user_error and rank == 0 else f"error (rank {rank}): {message}",
+              file=sys.stderr, flush=True)
+    sys.stderr.flush()
     world.Abort(code)
     return code
 
