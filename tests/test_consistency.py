@@ -108,7 +108,7 @@ def test_single_step_emulator_is_deterministic_one_call_and_members_differ(tmp_p
 
 
 STAGES = ["--set", "augment.iterations=4", "--set", "augment.batch_size=2", "--set", "augment.checkpoint_every=2",
-          "--set", "distill.iterations=4", "--set", "distill.batch_size=2", "--set", "distill.checkpoint_every=2",
+          "--set", "distill.iterations=4", "--set", "distill.perturb=0.2", "--set", "crps.perturb=0.2", "--set", "distill.batch_size=2", "--set", "distill.checkpoint_every=2",
           "--set", "distill.steps=4", "--set", "crps.iterations=4", "--set", "crps.unroll=[1,2]",
           "--set", "crps.rollout_pairs=2", "--set", "crps.checkpoint_every=2", "--set", "crps.validation_states=2"]
 
@@ -182,3 +182,28 @@ def test_augment_perturbations_have_the_stated_size_and_a_smooth_half(noise, off
     lag = (eps[..., 1:] * eps[..., :-1]).mean() / eps.square().mean()  # smooth half: correlated neighbours
     assert 0.25 < float(lag) < 0.95
     assert not perturbation((4, 2, 32, 24), AugmentConfig(noise=0.0), torch.Generator()).any()
+
+
+@settings(max_examples=10, deadline=None)
+@given(noise=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1))
+def test_perturbed_pairs_keep_the_next_state(noise, seed):
+    """x_t + ε with target x_{t+Δ} − (x_t + ε): the perturbed condition plus the changed increment is
+    still the true next state, whatever ε."""
+    from twin.train import AugmentConfig
+    from twin.trainpairs import TruthPairs
+    from twin.trainstages import perturbed_batch
+
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randn((2, 5, 2, 16, 16), generator=g) * 3 + 1
+    stats = {"state_mean": [1.0, 0.5], "state_std": [3.0, 2.0], "inc_mean": [0.1, -0.1], "inc_std": [4.0, 5.0]}
+    h = 3
+    pairs = TruthPairs(data, stats, torch.zeros((0, 16 + 2 * h, 16 + 2 * h)), h, 4)
+    index = torch.tensor([0, 3, 5, 7])
+    target, cond, _ = perturbed_batch(pairs, index, None, AugmentConfig(noise=noise), g)
+    state = cond[:, :2, h:h + 16, h:h + 16] * pairs.std + pairs.mean
+    nxt = state + target * pairs.inc_std + pairs.inc_mean
+    expected = torch.stack([data[i // 4, i % 4 + 1] for i in index.tolist()])
+    assert torch.allclose(nxt, expected, atol=1e-4)
+    clean = torch.stack([data[i // 4, i % 4] for i in index.tolist()])
+    moved = float((state - clean).abs().max())
+    assert moved < 1e-5 if noise == 0 else moved > 1e-5

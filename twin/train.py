@@ -89,6 +89,9 @@ class AugmentConfig:
 class DistillConfig:
     iterations: int = field(default=0, metadata={"min": 0, "help": "consistency-distillation steps (0: no single-step sampler)"})
     batch_size: int = field(default=16, metadata={"min": 1, "help": "pairs per step"})
+    perturb: float = field(default=0.0, metadata={"min": 0, "help": "largest std (state-std units) of perturbed "
+                                                  "conditions, as in the augment stage, so the student also learns "
+                                                  "the teacher off the attractor (0: clean pairs only)"})
     lr: float = field(default=1e-4, metadata={"gt": 0, "help": "peak learning rate (Adam)"})
     warmup: int = field(default=50, metadata={"min": 0, "help": "linear warm-up iterations"})
     steps: int = field(default=18, metadata={"min": 2, "help": "teacher discretisation N (Karras grid)"})
@@ -106,6 +109,8 @@ class CRPSConfig:
     unroll: tuple[int, ...] = field(default=(1, 2, 4), metadata={
         "help": "rollout lengths in emulator steps, one equal share of the iterations each, in order"})
     rollout_pairs: int = field(default=8, metadata={"min": 1, "help": "initial states x rollout length per step"})
+    perturb: float = field(default=0.0, metadata={"min": 0, "help": "largest std (state-std units) of a perturbation "
+                                                  "of the rollout starts, of the augment stage's kind (0: none)"})
     lr: float = field(default=3e-5, metadata={"gt": 0, "help": "peak learning rate (Adam)"})
     warmup: int = field(default=20, metadata={"min": 0, "help": "linear warm-up iterations"})
     ema: float = field(default=0.99, metadata={"min": 0, "max": 1, "help": "EMA decay of the shipped weights"})

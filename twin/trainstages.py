@@ -167,6 +167,21 @@ def perturbation(shape: tuple[int, ...], config: AugmentConfig, gen: torch.Gener
     return scale * ((white + smooth) / math.sqrt(2) + offset)
 
 
+def perturbed_batch(p: Pairs, index: torch.Tensor, shifts: torch.Tensor | None, config: AugmentConfig,
+                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`p.batch` with the condition's state x_t perturbed to x_t + ε and the target increment
+    x_{t+Δ} − x_t changed to x_{t+Δ} − (x_t + ε), all standardised (ε masked like the state)."""
+    target, cond, mask = p.batch(index, shifts)
+    if not config.noise:
+        return target, cond, mask
+    eps = perturbation(target.shape, config, gen)
+    if mask is not None:
+        eps = eps * mask
+    h = p.halo  # the condition holds the standardised state at [h:h + ny, h:h + nx]
+    state = cond[:, :target.shape[1], h:h + target.shape[-2], h:h + target.shape[-1]]
+    return target - (p.std / p.inc_std) * eps, p.condition(state + eps), mask
+
+
 def augment_stage(case: TrainCase, folder: Path, teacher: Precond, teacher_key: str, train_pairs: Pairs,
                   val_pairs: Pairs, width: int, resume: bool, file: str,
                   quiet: bool) -> tuple[Precond, list[dict], float, str]:
@@ -183,18 +198,12 @@ def augment_stage(case: TrainCase, folder: Path, teacher: Precond, teacher_key: 
     ema = copy.deepcopy(teacher).requires_grad_(False)
     shift = _shifting(case, train_pairs)
     p = train_pairs
-    ratio = p.std / p.inc_std  # a state perturbation in increment units
 
     def loss(it: int) -> torch.Tensor:
         index = torch.randint(p.count, (a.batch_size,), generator=gen)
         shifts = torch.randint(width, (a.batch_size,), generator=gen) if shift else None
-        target, cond, mask = p.batch(index, shifts)
-        eps = perturbation(target.shape, a, gen)
-        if mask is not None:
-            eps = eps * mask
-        h = p.halo  # the condition holds the standardised state at [h:h + ny, h:h + nx]
-        state = cond[:, :target.shape[1], h:h + target.shape[-2], h:h + target.shape[-1]]
-        return edm_loss(p.net(live, mask), target - ratio * eps, p.condition(state + eps), p.pad, case.edm, gen)
+        target, cond, mask = perturbed_batch(p, index, shifts, a, gen)
+        return edm_loss(p.net(live, mask), target, cond, p.pad, case.edm, gen)
 
     stage = _Stage("augment", folder / "augment_state.pt", digest, a.iterations, a.checkpoint_every,
                    lambda it: _lr(a.lr, a.warmup, a.iterations, 0.1, it), lambda it: min(a.ema, (1 + it) / (10 + it)),
@@ -216,11 +225,12 @@ def distill_stage(case: TrainCase, folder: Path, teacher: Precond, teacher_key: 
     ema = copy.deepcopy(student).requires_grad_(False)
     sigmas = ascending_sigmas(d.steps, d.sigma_min, d.sigma_max, d.rho)
     shift = _shifting(case, train_pairs)
+    perturb = dataclasses.replace(case.augment, noise=d.perturb)
 
     def loss(it: int) -> torch.Tensor:
         index = torch.randint(train_pairs.count, (d.batch_size,), generator=gen)
         shifts = torch.randint(width, (d.batch_size,), generator=gen) if shift else None
-        target, cond, mask = train_pairs.batch(index, shifts)
+        target, cond, mask = perturbed_batch(train_pairs, index, shifts, perturb, gen)
         return distillation_loss(train_pairs.net(student, mask), train_pairs.net(teacher, mask), target, cond,
                                  train_pairs.pad, sigmas, gen)
 
@@ -255,6 +265,7 @@ def crps_stage(case: TrainCase, folder: Path, distilled: ConsistencyPrecond, dis
     ema = copy.deepcopy(distilled).requires_grad_(False)
     shift = _shifting(case, train_pairs)
     p = train_pairs
+    perturb = dataclasses.replace(case.augment, noise=c.perturb)
 
     def stepper(model: ConsistencyPrecond, mask: torch.Tensor | None
                 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -275,6 +286,9 @@ def crps_stage(case: TrainCase, folder: Path, distilled: ConsistencyPrecond, dis
         index = torch.randint(p.rollout_count(steps), (b,), generator=gen)
         shifts = torch.randint(width, (b,), generator=gen) if shift else None
         start, truth, mask = p.rollout(index, steps, shifts)
+        if c.perturb:  # off-attractor starts, scored against the truth: keeps the augment stage's pull-back
+            eps = p.std * perturbation(start.shape, perturb, gen)
+            start = start + (eps if mask is None else eps * mask)
         noise = lambda k: torch.randn((c.members * b, *start.shape[1:]), generator=gen)  # noqa: E731
         return rollout_crps(stepper(live, mask), start, truth, c.members, noise, p.std)
 
