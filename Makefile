@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-CASE ?= cases/lorenz96_letkf.yaml
+CASE ?= cases/sqg_twin.yaml
 
 .PHONY: install run test test-serial test-mpi bench-dapper clean docs
 

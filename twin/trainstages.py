@@ -219,8 +219,9 @@ def distill_stage(case: TrainCase, folder: Path, teacher: Precond, teacher_key: 
     """Consistency distillation of the teacher: the single-step sampler's network (EMA weights)."""
     d = case.distill
     gen = torch.Generator().manual_seed(case.train.seed + 2)
-    digest = config_digest({"teacher": teacher_key, "distill": {k: v for k, v in dataclasses.asdict(d).items()
-                                                          if k not in ("iterations", "checkpoint_every")}})
+    digest = config_digest({"teacher": teacher_key, "distill": {  # perturb: 0 as before the setting existed
+        k: v for k, v in dataclasses.asdict(d).items()
+        if k not in ("iterations", "checkpoint_every") and not (k == "perturb" and v == 0)}})
     student = ConsistencyPrecond(copy.deepcopy(teacher.net).requires_grad_(True), teacher.sigma_data, d.sigma_min)
     ema = copy.deepcopy(student).requires_grad_(False)
     sigmas = ascending_sigmas(d.steps, d.sigma_min, d.sigma_max, d.rho)
