@@ -15,25 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+from long_run import peak_mib, rss_mib  # noqa: E402  (benchmarks/ is on the path when run as a script)
 
 from emulators.diffusion.emulator import SAMPLERS, DiffusionEmulator  # noqa: E402
 from emulators.diffusion.skill import truth_runs  # noqa: E402
 from emulators.registry import model_registry  # noqa: E402
 from twin.domain import SerialDomain  # noqa: E402
-
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -122,6 +122,13 @@ def _run_stage(stage: _Stage, live: nn.Module, ema: nn.Module, loss_fn: Callable
     return history, wall + time.perf_counter() - t0
 
 
+def _settings(config: Any) -> dict:
+    """What a stage's result depends on among its settings (not its length or resume cadence); perturb: 0
+    is left out, so state files written before that setting existed still resume."""
+    return {k: v for k, v in dataclasses.asdict(config).items()
+            if k not in ("iterations", "checkpoint_every") and not (k == "perturb" and v == 0)}
+
+
 def _shifting(case: TrainCase, pairs: Pairs) -> bool:
     """Random shifts along x: asked for, valid for the grid (periodic in x) and the static channels."""
     return case.train.shift_x and pairs.periodic_x and not any(s.endswith("_x") for s in case.network.static)
@@ -191,9 +198,7 @@ def augment_stage(case: TrainCase, folder: Path, teacher: Precond, teacher_key: 
     Returns the EMA denoiser, history (validation: the clean EDM loss), wall time and digest."""
     a = case.augment
     gen = torch.Generator().manual_seed(case.train.seed + 4)
-    digest = config_digest({"teacher": teacher_key, "augment": {k: v for k, v in dataclasses.asdict(a).items()
-                                                          if k not in ("iterations", "checkpoint_every")},
-                            "iterations": a.iterations})
+    digest = config_digest({"teacher": teacher_key, "augment": _settings(a), "iterations": a.iterations})
     live = copy.deepcopy(teacher).requires_grad_(True)
     ema = copy.deepcopy(teacher).requires_grad_(False)
     shift = _shifting(case, train_pairs)
@@ -219,9 +224,7 @@ def distill_stage(case: TrainCase, folder: Path, teacher: Precond, teacher_key: 
     """Consistency distillation of the teacher: the single-step sampler's network (EMA weights)."""
     d = case.distill
     gen = torch.Generator().manual_seed(case.train.seed + 2)
-    digest = config_digest({"teacher": teacher_key, "distill": {  # perturb: 0 as before the setting existed
-        k: v for k, v in dataclasses.asdict(d).items()
-        if k not in ("iterations", "checkpoint_every") and not (k == "perturb" and v == 0)}})
+    digest = config_digest({"teacher": teacher_key, "distill": _settings(d)})
     student = ConsistencyPrecond(copy.deepcopy(teacher.net).requires_grad_(True), teacher.sigma_data, d.sigma_min)
     ema = copy.deepcopy(student).requires_grad_(False)
     sigmas = ascending_sigmas(d.steps, d.sigma_min, d.sigma_max, d.rho)
@@ -259,9 +262,7 @@ def crps_stage(case: TrainCase, folder: Path, distilled: ConsistencyPrecond, dis
     c = case.crps
     sigma_max = case.distill.sigma_max
     gen = torch.Generator().manual_seed(case.train.seed + 3)
-    digest = config_digest({"distill": distill_key, "crps": {k: v for k, v in dataclasses.asdict(c).items()
-                                                       if k not in ("iterations", "checkpoint_every")},
-                      "iterations": c.iterations})
+    digest = config_digest({"distill": distill_key, "crps": _settings(c), "iterations": c.iterations})
     live = copy.deepcopy(distilled).requires_grad_(True)
     ema = copy.deepcopy(distilled).requires_grad_(False)
     shift = _shifting(case, train_pairs)
