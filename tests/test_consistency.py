@@ -139,6 +139,28 @@ def test_training_stages_write_a_single_step_sampler_and_resume_exactly(tmp_path
     assert not all(torch.equal(a[k], ck.state_dict[k]) for k in a)  # distilled weights moved off the teacher's
 
 
+def test_crps_through_a_shapiro_filter_retrains_only_the_crps_stage(tmp_path):
+    """crps.smoothing_order: the rollouts step through the filter and the checkpoint carries it; the
+    earlier stages' state files (same settings) are reused as they are."""
+    import twin.train as train
+    from twin.config import ConfigError
+
+    plain = load_checkpoint(train.train_from_case(train_case(tmp_path), overrides(), out=tmp_path / "a", quiet=True))
+    before = {f: (tmp_path / "a" / f).stat().st_mtime_ns for f in ("train_state.pt", "augment_state.pt", "distill_state.pt")}
+    (tmp_path / "a" / "crps_state.pt").unlink()  # a CRPS state of other settings is refused, not overwritten
+    smooth = load_checkpoint(train.train_from_case(train_case(tmp_path), overrides() + ("crps.smoothing_order=8",),
+                                                   out=tmp_path / "a", quiet=True))
+    assert {f: (tmp_path / "a" / f).stat().st_mtime_ns for f in before} == before
+    assert plain.smoothing_order == 0 and smooth.smoothing_order == 8
+    assert all(torch.equal(plain.state_dict[k], smooth.state_dict[k]) for k in plain.state_dict)
+    a, b = plain.single_step["state_dict"], smooth.single_step["state_dict"]
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    assert make_emulator(smooth.path, sampler="single_step").smoothing_order == 8
+    with pytest.raises(ConfigError) as e:
+        train.load_train_case(train_case(tmp_path), ("crps.smoothing_order=3",))
+    assert e.value.key == "crps.smoothing_order"
+
+
 def test_crps_without_distillation_is_a_config_error(tmp_path):
     from twin.config import ConfigError
     from twin.train import load_train_case

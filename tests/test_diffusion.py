@@ -188,6 +188,27 @@ def test_checkpoint_mismatches_are_one_line_errors(tmp_path):
         make_emulator(tmp_path / "good.pt", sampler="single_step")
 
 
+def test_smoothing_order_round_trips_and_filters_each_step(tmp_path):
+    """The checkpoint's Shapiro order is applied after every step; the case may override it; a bad order
+    in a checkpoint is a one-line error."""
+    from emulators.diffusion.smoothing import shapiro
+
+    plain, smooth = write_checkpoint(tmp_path / "p.pt"), write_checkpoint(tmp_path / "s.pt", smoothing_order=8)
+    assert load_checkpoint(plain).smoothing_order == 0 and load_checkpoint(smooth).smoothing_order == 8
+    x = torch.randn(2, 2, 32, 32, dtype=torch.float64) * 5
+    raw = make_emulator(plain).step(x, 0.0)
+    expected = shapiro(raw, 8, (True, True), lambda z, h: pad_halo(z, (h, h), (True, True)))
+    torch.testing.assert_close(make_emulator(smooth).step(x, 0.0), expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(make_emulator(plain, smoothing_order=8).step(x, 0.0), expected, atol=1e-12, rtol=0)
+    assert torch.equal(make_emulator(smooth, smoothing_order=0).step(x, 0.0), raw)
+    with pytest.raises(ValueError, match="even"):
+        make_emulator(plain, smoothing_order=3)
+    good = torch.load(smooth, weights_only=True)
+    torch.save({**good, "smoothing_order": 5}, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointMismatch, match="smoothing_order"):
+        make_emulator(tmp_path / "odd.pt")
+
+
 def test_emulator_is_deterministic_and_members_differ(tmp_path):
     em = make_emulator(write_checkpoint(tmp_path / "c.pt"))
     x = torch.randn(3, 2, 32, 32, dtype=torch.float64) * 10
@@ -279,8 +300,9 @@ class _Tile:
 
 @pytest.mark.parametrize("rows,cols", [((0, 14, 32), (0, 32)), ((0, 16, 32), (0, 12, 32)), ((0, 4, 32), (0, 32))])
 def test_decomposed_step_equals_serial_step(tmp_path, rows, cols):
-    """Unaligned tiles (alignment slack), aligned 2x2 tiles, and a tile thinner than the halo."""
-    path = write_checkpoint(tmp_path / "c.pt")
+    """Unaligned tiles (alignment slack), aligned 2x2 tiles, and a tile thinner than the halo (and than
+    the Shapiro filter's halo of 8)."""
+    path = write_checkpoint(tmp_path / "c.pt", smoothing_order=16)
     grid = DiffusionEmulator.global_grid(DiffusionEmulator.Config(checkpoint=str(path)))
     x = torch.randn(2, 2, 32, 32, dtype=torch.float64) * 5
     serial = make_emulator(path).step(x, 3 * 21600.0)
@@ -297,13 +319,14 @@ def test_mpi_step_equals_serial_step(tmp_path, shape, axes_periodic):
     """Under mpiexec: 64 x 64 splits into subdomains wider than the halo (26 + slack); on 32 x 32 the
     halo spans two subdomains, on 12 x 12 and 18 x 10 (uneven alignment slack, an open axis) it wraps
     round the grid more than once. Every split steps on its subdomains over multi-hop halo exchange and
-    gives the serial step; so does learned inpainting. Each rank writes the same checkpoint to its own
+    gives the serial step (with a Shapiro filter of order 16 after it: another multi-hop halo, of 8
+    points, filtering along the periodic axes only); so does learned inpainting. Each rank writes the same checkpoint to its own
     folder."""
     from mpi4py import MPI
 
     from twin.mpi_domain import MPIDomain
 
-    path = write_checkpoint(tmp_path / "c.pt", shape=shape, periodic=axes_periodic)
+    path = write_checkpoint(tmp_path / "c.pt", shape=shape, periodic=axes_periodic, smoothing_order=16)
     config = DiffusionEmulator.Config(checkpoint=str(path), steps=3, churn=1.0)
     grid = DiffusionEmulator.global_grid(config)
     g = torch.Generator().manual_seed(1)

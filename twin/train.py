@@ -116,6 +116,9 @@ class CRPSConfig:
     ema: float = field(default=0.99, metadata={"min": 0, "max": 1, "help": "EMA decay of the shipped weights"})
     checkpoint_every: int = field(default=100, metadata={"min": 1, "help": "iterations between resume points"})
     validation_states: int = field(default=16, metadata={"min": 1, "help": "held-out 2-step rollouts scored"})
+    smoothing_order: int = field(default=0, metadata={"min": 0, "help": "Shapiro filter of this even order after "
+                                 "each rollout step, along periodic axes; the checkpoint applies it after every "
+                                 "step (0: none)"})
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,8 @@ def load_train_case(path: str | Path, overrides: tuple[str, ...] = ()) -> tuple[
                           f"unknown static channels {bad} (known: {', '.join(STATIC_CHANNELS)})")
     if case.crps.iterations and not case.distill.iterations:
         raise ConfigError(file, "crps.iterations", "CRPS fine-tuning needs the distilled sampler (distill.iterations > 0)")
+    if case.crps.smoothing_order % 2:
+        raise ConfigError(file, "crps.smoothing_order", f"must be even (got {case.crps.smoothing_order})")
     unroll = case.crps.unroll
     if case.archive is not None and (not unroll or min(unroll) < 1):
         raise ConfigError(file, "crps.unroll", f"rollout lengths must be at least 1 (got {list(unroll)})")
@@ -367,11 +372,14 @@ def train_from_case(path: str | Path, overrides: tuple[str, ...] | list[str] = (
     the single-step sampler. Each resumes from its `OUT/*_state.pt` when present and `resume`."""
     case, raw = load_train_case(path, tuple(overrides))
     file = str(path)
-    torch.set_num_threads(case.train.threads)
     folder = Path(out or case.out or f"out/{case.name}")
     if case.archive is None:
         folder.mkdir(parents=True, exist_ok=True)
-        return _train(case, raw, file, folder, _truth_source(case, folder, quiet), resume, quiet)
+        torch.set_num_threads(1)  # the truth model's small FFTs gain nothing from threads, and contend
+        source = _truth_source(case, folder, quiet)
+        torch.set_num_threads(case.train.threads)
+        return _train(case, raw, file, folder, source, resume, quiet)
+    torch.set_num_threads(case.train.threads)
     with open_archive(case.archive, Path(file).parent, file) as archive:
         folder.mkdir(parents=True, exist_ok=True)
         return _train(case, raw, file, folder, _archive_source(case, archive, folder), resume, quiet)
@@ -428,7 +436,8 @@ def _train(case: TrainCase, raw: dict, file: str, folder: Path, source: _Source,
     ckpt = save_checkpoint(folder / "checkpoint.pt", network_config=net_cfg, state_dict=ema.net.state_dict(),
                            sigma_data=case.edm.sigma_data, variables=source.variables, grid_shape=source.grid_shape,
                            periodic=source.periodic, static=case.network.static, dt_seconds=source.dt_seconds,
-                           stats=source.stats, training=training, single_step=single_step)
+                           stats=source.stats, training=training, single_step=single_step,
+                           smoothing_order=case.crps.smoothing_order)
     info = {"checkpoint": ckpt.name, "case": raw, "network": net_cfg.to_dict(), "receptive_halo": h,
             "alignment": net.alignment, "dt_seconds": source.dt_seconds, "stats": source.stats,
             "training": training, "history": histories}

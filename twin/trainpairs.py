@@ -64,7 +64,7 @@ class _Standardised:
                  periodic: tuple[bool, bool]) -> None:
         self.mean, self.std, self.inc_mean, self.inc_std = (
             torch.tensor(stats[k]).float().view(1, -1, 1, 1) for k in _STATS)
-        self.static, self.halo, self.shape = static, halo, shape
+        self.static, self.halo, self.shape, self.periodic = static, halo, shape, periodic
         self.pad = window_pad(shape, alignment, periodic)
         self._grown = any(n % alignment for n in shape)
 
@@ -80,6 +80,11 @@ class _Standardised:
             out = model(x, sigma, cond, pad)[..., :ny, :nx]
             return out if mask is None else out * mask
         return run
+
+    def pad_grid(self, x: torch.Tensor, h: int) -> torch.Tensor:
+        """A halo of h on the grid itself (wrapped where periodic, zeros elsewhere), as the emulator's
+        halo exchange gives it (for the Shapiro filter)."""
+        return pad_halo(x, (h, h), self.periodic)
 
     def condition(self, standardised: torch.Tensor) -> torch.Tensor:
         """The network's condition: the halo-padded standardised state and the static channels."""

@@ -25,6 +25,7 @@ from torch import nn
 from emulators.diffusion.consistency import (ConsistencyPrecond, ascending_sigmas, distillation_loss,
                                               one_step_sample, rollout_crps)
 from emulators.diffusion.edm import Precond, edm_loss
+from emulators.diffusion.smoothing import shapiro
 from twin.config import ConfigError
 from twin.trainpairs import Pairs
 
@@ -124,9 +125,9 @@ def _run_stage(stage: _Stage, live: nn.Module, ema: nn.Module, loss_fn: Callable
 
 def _settings(config: Any) -> dict:
     """What a stage's result depends on among its settings (not its length or resume cadence); perturb: 0
-    is left out, so state files written before that setting existed still resume."""
+    and smoothing_order: 0 are left out, so state files written before those settings existed still resume."""
     return {k: v for k, v in dataclasses.asdict(config).items()
-            if k not in ("iterations", "checkpoint_every") and not (k == "perturb" and v == 0)}
+            if k not in ("iterations", "checkpoint_every") and not (k in ("perturb", "smoothing_order") and v == 0)}
 
 
 def _shifting(case: TrainCase, pairs: Pairs) -> bool:
@@ -278,6 +279,7 @@ def crps_stage(case: TrainCase, folder: Path, distilled: ConsistencyPrecond, dis
         def step(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
             cond = p.condition((x - p.mean) / p.std)
             out = x + p.inc_mean + p.inc_std * one_step_sample(run, z, sigma_max, cond, p.pad)
+            out = shapiro(out, c.smoothing_order, p.periodic, p.pad_grid)
             return out if keep is None else torch.where(keep, out, x)
         return step
 

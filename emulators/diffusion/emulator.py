@@ -28,6 +28,7 @@ from emulators.base import Variable
 from emulators.diffusion.checkpoint import CheckpointMismatch, load_checkpoint
 from emulators.diffusion.consistency import ConsistencyPrecond
 from emulators.diffusion.edm import Precond, heun_sample
+from emulators.diffusion.smoothing import shapiro, shapiro_halo
 from emulators.registry import register_model
 from twin.domain import Decomposition, Grid
 from twin.random import Streams, fill_rows
@@ -69,6 +70,9 @@ class DiffusionEmulator:
         seed: int = field(default=0, metadata={"help": "seed of the sampler's noise streams"})
         inpaint_levels: tuple[float, ...] = field(default=(20.0, 6.0, 2.0, 0.6, 0.15), metadata={
             "help": "noise levels (decreasing) of learned inpainting: one network call each"})
+        smoothing_order: int | None = field(default=None, metadata={
+            "help": "Shapiro filter of this even order after each step, along periodic axes (0: none; "
+                    "null: the checkpoint's, which it was trained with)"})
 
     time_unit_seconds = 1.0
 
@@ -96,6 +100,8 @@ class DiffusionEmulator:
         width = max(domain.allgather_object(self._need(domain.local_slices)))
         self._local = self._plan(domain.local_slices, width)
         self.halo = width
+        order = config.smoothing_order
+        self.smoothing_order = ckpt.smoothing_order if order is None else order
 
     @staticmethod
     def validate(config: "DiffusionEmulator.Config") -> None:
@@ -105,6 +111,8 @@ class DiffusionEmulator:
             raise ValueError(f"inpaint_levels must be positive and decreasing (got {list(levels)})")
         if config.sampler not in SAMPLERS:
             raise ValueError(f"sampler {config.sampler!r} is not available (one of: {', '.join(SAMPLERS)})")
+        if config.smoothing_order is not None:
+            shapiro_halo(config.smoothing_order)
         ckpt = load_checkpoint(config.checkpoint)
         if config.sampler == "single_step":
             ckpt.build_single_step_network()
@@ -174,7 +182,8 @@ class DiffusionEmulator:
         else:
             inc = heun_sample(denoise, noise, steps=c.steps, sigma_min=c.sigma_min, sigma_max=c.sigma_max,
                               rho=c.rho, churn=c.churn)
-        return x + self.inc_mean + self.inc_std * inc
+        return shapiro(x + self.inc_mean + self.inc_std * inc, self.smoothing_order, self.grid.periodic,
+                       self.domain.exchange_halo)
 
     # ------------------------------------------------------------ learned inpainting
 
