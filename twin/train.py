@@ -31,6 +31,7 @@ from emulators.diffusion.checkpoint import STATIC_CHANNELS, save_checkpoint
 from emulators.diffusion.edm import EDMConfig, Precond
 from emulators.diffusion.emulator import static_fields
 from emulators.diffusion.network import NetworkConfig, UNetLite, parameter_count
+from emulators.diffusion.smoothing import shapiro_halo
 from emulators.registry import model_registry
 from twin.archive import SPLITS, Archive, ArchiveConfig, open_archive, parse_archive_config
 from twin.config import ConfigError, apply_override, duration_seconds, parse_dataclass, read_yaml
@@ -173,8 +174,10 @@ def load_train_case(path: str | Path, overrides: tuple[str, ...] = ()) -> tuple[
                           f"unknown static channels {bad} (known: {', '.join(STATIC_CHANNELS)})")
     if case.crps.iterations and not case.distill.iterations:
         raise ConfigError(file, "crps.iterations", "CRPS fine-tuning needs the distilled sampler (distill.iterations > 0)")
-    if case.crps.smoothing_order % 2:
-        raise ConfigError(file, "crps.smoothing_order", f"must be even (got {case.crps.smoothing_order})")
+    try:
+        shapiro_halo(case.crps.smoothing_order)
+    except ValueError as e:
+        raise ConfigError(file, "crps.smoothing_order", str(e)) from None
     unroll = case.crps.unroll
     if case.archive is not None and (not unroll or min(unroll) < 1):
         raise ConfigError(file, "crps.unroll", f"rollout lengths must be at least 1 (got {list(unroll)})")

@@ -24,15 +24,17 @@ def shapiro_halo(order: int) -> int:
     return order // 2
 
 
-def shapiro_interior(padded: torch.Tensor, order: int, axes: Sequence[bool]) -> torch.Tensor:
-    """Filter the interior of `padded` (..., y + 2p, x + 2p), p = order / 2, along the trailing axes
-    whose entry in `axes` is True; returns (..., y, x)."""
+def shapiro(x: torch.Tensor, order: int, periodic: Sequence[bool], pad: Pad) -> torch.Tensor:
+    """Filter x (..., y, x) along its periodic trailing axes; `pad(x, h)` supplies an h-point halo
+    (periodic wrap, or the neighbours' data under a domain decomposition)."""
     p = shapiro_halo(order)
-    x = padded
-    for i, on in enumerate(axes):
-        dim = x.dim() - len(axes) + i
+    if p == 0 or not any(periodic):
+        return x
+    x = pad(x, p)
+    for i, on in enumerate(periodic):
+        dim = x.dim() - len(periodic) + i
         n = x.shape[dim] - 2 * p
-        if not on or p == 0:
+        if not on:
             x = x.narrow(dim, p, n)
             continue
         d = x
@@ -41,12 +43,3 @@ def shapiro_interior(padded: torch.Tensor, order: int, axes: Sequence[bool]) -> 
             d = (2 * d.narrow(dim, 1, m - 2) - d.narrow(dim, 0, m - 2) - d.narrow(dim, 2, m - 2)) / 4
         x = x.narrow(dim, p, n) - d
     return x
-
-
-def shapiro(x: torch.Tensor, order: int, periodic: Sequence[bool], pad: Pad) -> torch.Tensor:
-    """Filter x (..., y, x) along its periodic trailing axes; `pad(x, h)` supplies an h-point halo
-    (periodic wrap, or the neighbours' data under a domain decomposition)."""
-    p = shapiro_halo(order)
-    if p == 0 or not any(periodic):
-        return x
-    return shapiro_interior(pad(x, p), order, periodic)
