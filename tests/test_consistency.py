@@ -161,6 +161,30 @@ def test_crps_through_a_shapiro_filter_retrains_only_the_crps_stage(tmp_path):
     assert e.value.key == "crps.smoothing_order"
 
 
+def test_bfloat16_training_differs_resumes_exactly_and_refuses_float32_states(tmp_path, monkeypatch):
+    """train.precision: bfloat16 autocasts every stage's steps; it is part of the resume digest (a
+    float32 state is refused), and an interrupted bfloat16 run resumes bit for bit."""
+    import twin.train as train
+    from twin.config import ConfigError
+
+    bf16 = overrides() + ("train.precision=bfloat16",)
+    fp32 = load_checkpoint(train.train_from_case(train_case(tmp_path), overrides(), out=tmp_path / "a", quiet=True))
+    straight = load_checkpoint(train.train_from_case(train_case(tmp_path), bf16, out=tmp_path / "b", quiet=True))
+    assert straight.training["stage_wall_seconds"].keys() == {"teacher", "augment", "distill", "crps"}
+    a, b = fp32.single_step["state_dict"], straight.single_step["state_dict"]
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    assert all(a[k].dtype == b[k].dtype for k in a)
+    with pytest.raises(ConfigError, match="different training set-up"):
+        train.train_from_case(train_case(tmp_path), bf16, out=tmp_path / "a", quiet=True)
+    interrupted_at(monkeypatch, "distill_state.pt",
+                   lambda: train.train_from_case(train_case(tmp_path), bf16, out=tmp_path / "c", quiet=True))
+    resumed = load_checkpoint(train.train_from_case(train_case(tmp_path), bf16, out=tmp_path / "c", quiet=True))
+    c = resumed.single_step["state_dict"]
+    assert all(torch.equal(b[k], c[k]) for k in b)
+    em = make_emulator(resumed.path, sampler="single_step")
+    assert torch.isfinite(em.step(torch.randn(2, 2, 32, 32, dtype=torch.float64), 0.0)).all()
+
+
 def test_crps_without_distillation_is_a_config_error(tmp_path):
     from twin.config import ConfigError
     from twin.train import load_train_case

@@ -76,6 +76,24 @@ def test_receptive_halo_is_minimal_and_bounds_the_influence():
         net(periodic(x[..., :62, :], h), torch.zeros(1))
 
 
+def test_bfloat16_autocast_keeps_float32_output_and_stays_close():
+    """Training may autocast to bfloat16: norms and residuals stay float32, so the output is float32 and
+    within bfloat16 rounding of the float32 evaluation; gradients reach every weight."""
+    net = random_net(dtype=torch.float32)
+    x = periodic(torch.randn(2, 5, 32, 32), net.receptive_halo)
+    c = torch.tensor([0.3, -1.0])
+    with torch.no_grad():
+        full = net(x, c)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = net(x, c)
+    assert half.dtype == torch.float32 and not torch.equal(half, full)
+    assert float((half - full).norm() / full.norm()) < 0.05
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x, c).square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0
+               for p in net.parameters())
+
+
 def test_network_is_small():
     net = UNetLite(NetworkConfig(in_channels=6, out_channels=2))
     assert sum(p.numel() for p in net.parameters()) < 2_000_000

@@ -75,6 +75,7 @@ class _Stage:
     lr: Callable[[int], float]
     ema: Callable[[int], float]
     grad_clip: float = 1.0
+    bfloat16: bool = False  # autocast the training steps' network calls to bfloat16
 
 
 def _run_stage(stage: _Stage, live: nn.Module, ema: nn.Module, loss_fn: Callable[[int], torch.Tensor],
@@ -101,7 +102,8 @@ def _run_stage(stage: _Stage, live: nn.Module, ema: nn.Module, loss_fn: Callable
     for it in range(start, stage.iterations):
         for group in opt.param_groups:
             group["lr"] = stage.lr(it)
-        loss = loss_fn(it)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=stage.bfloat16):
+            loss = loss_fn(it)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(live.parameters(), stage.grad_clip)
@@ -130,6 +132,16 @@ def _settings(config: Any) -> dict:
             if k not in ("iterations", "checkpoint_every") and not (k in ("perturb", "smoothing_order") and v == 0)}
 
 
+def _precision(case: TrainCase) -> dict:
+    """The training precision in the teacher's digest, which every later stage's chains (absent for
+    float32, the original set-up, so earlier state files still resume)."""
+    return {} if case.train.precision == "float32" else {"precision": case.train.precision}
+
+
+def _bf16(case: TrainCase) -> bool:
+    return case.train.precision == "bfloat16"
+
+
 def _shifting(case: TrainCase, pairs: Pairs) -> bool:
     """Random shifts along x: asked for, valid for the grid (periodic in x) and the static channels."""
     return case.train.shift_x and pairs.periodic_x and not any(s.endswith("_x") for s in case.network.static)
@@ -144,7 +156,8 @@ def teacher_stage(case: TrainCase, folder: Path, data_key: str, net: nn.Module, 
     digest = config_digest({"data": data_key, "network": dataclasses.asdict(case.network),
                       "edm": dataclasses.asdict(case.edm),
                       "train": {k: v for k, v in dataclasses.asdict(t).items()
-                                if k not in ("iterations", "checkpoint_every", "threads", "validation_pairs")}})
+                                if k not in ("iterations", "checkpoint_every", "threads", "validation_pairs",
+                                             "precision")}, **_precision(case)})
     shift = _shifting(case, train_pairs)
 
     def loss(it: int) -> torch.Tensor:
@@ -155,7 +168,7 @@ def teacher_stage(case: TrainCase, folder: Path, data_key: str, net: nn.Module, 
 
     stage = _Stage(f"train {case.name}", folder / "train_state.pt", digest, t.iterations, t.checkpoint_every,
                    lambda it: _lr(t.lr, t.warmup, t.iterations, t.final_lr_fraction, it),
-                   lambda it: min(t.ema, (1 + it) / (10 + it)), t.grad_clip)
+                   lambda it: min(t.ema, (1 + it) / (10 + it)), t.grad_clip, _bf16(case))
     history, wall = _run_stage(stage, net, ema, loss, lambda: _validation_loss(ema, val_pairs, case), gen,
                                resume, file, quiet)
     return history, wall, digest
@@ -213,7 +226,7 @@ def augment_stage(case: TrainCase, folder: Path, teacher: Precond, teacher_key: 
 
     stage = _Stage("augment", folder / "augment_state.pt", digest, a.iterations, a.checkpoint_every,
                    lambda it: _lr(a.lr, a.warmup, a.iterations, 0.1, it), lambda it: min(a.ema, (1 + it) / (10 + it)),
-                   case.train.grad_clip)
+                   case.train.grad_clip, _bf16(case))
     history, wall = _run_stage(stage, live, ema, loss, lambda: _validation_loss(ema, val_pairs, case), gen,
                                resume, file, quiet)
     return ema, history, wall, digest
@@ -251,7 +264,8 @@ def distill_stage(case: TrainCase, folder: Path, teacher: Precond, teacher_key: 
         return total / len(index)
 
     stage = _Stage("distill", folder / "distill_state.pt", digest, d.iterations, d.checkpoint_every,
-                   lambda it: _lr(d.lr, d.warmup, d.iterations, 0.1, it), lambda it: min(d.ema, (1 + it) / (10 + it)))
+                   lambda it: _lr(d.lr, d.warmup, d.iterations, 0.1, it), lambda it: min(d.ema, (1 + it) / (10 + it)),
+                   bfloat16=_bf16(case))
     history, wall = _run_stage(stage, student.net, ema, loss, validate, gen, resume, file, quiet)
     return ema, history, wall, digest
 
@@ -306,6 +320,7 @@ def crps_stage(case: TrainCase, folder: Path, distilled: ConsistencyPrecond, dis
             return float(rollout_crps(stepper(ema, mask), start, truth, c.members, noise, p.std))
 
     stage = _Stage("crps", folder / "crps_state.pt", digest, c.iterations, c.checkpoint_every,
-                   lambda it: _lr(c.lr, c.warmup, c.iterations, 0.1, it), lambda it: min(c.ema, (1 + it) / (10 + it)))
+                   lambda it: _lr(c.lr, c.warmup, c.iterations, 0.1, it), lambda it: min(c.ema, (1 + it) / (10 + it)),
+                   bfloat16=_bf16(case))
     history, wall = _run_stage(stage, live.net, ema, loss, validate, gen, resume, file, quiet)
     return ema, history, wall

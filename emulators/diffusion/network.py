@@ -51,6 +51,11 @@ class NetworkConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision activations (bf16 autocast in training) back to float32; others unchanged."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def crop(x: torch.Tensor, r: int) -> torch.Tensor:
     """Remove r points on each side of the two trailing axes."""
     return x if r == 0 else x[..., r:-r, r:-r]
@@ -98,6 +103,7 @@ class ChannelNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = full_precision(x)  # statistics in float32 under bf16 autocast
         mu = x.mean(1, keepdim=True)
         var = (x - mu).square().mean(1, keepdim=True)
         return (x - mu) * torch.rsqrt(var + self.eps) * self.weight[:, None, None] + self.bias[:, None, None]
@@ -122,7 +128,7 @@ class ResBlock(nn.Module):
         scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
         h = self.conv1(F.silu(self.norm1(x) * (1 + scale) + shift))
         h = self.conv2(F.silu(self.norm2(h)))
-        return crop(x, 2) + h
+        return full_precision(crop(x, 2)) + h  # the residual stream stays float32 under bf16 autocast
 
 
 class NoiseEmbedding(nn.Module):
@@ -192,7 +198,8 @@ class UNetLite(nn.Module):
                 z = block(z, emb)
             r -= 2 * len(self.up[level])
         z = self.head(F.silu(self.head_norm(crop(z, r))))
-        return F.pixel_shuffle(z, f) if f > 1 else z
+        z = F.pixel_shuffle(z, f) if f > 1 else z
+        return z.to(x.dtype)
 
 
 def parameter_count(module: nn.Module) -> int:
