@@ -438,12 +438,14 @@ def test_shipped_training_case_and_weights_are_valid():
     root = Path(__file__).parents[1]
     case, _ = load_train_case(root / "cases" / "sqg_train.yaml")
     assert case.truth[0] == "sqg"
-    weights = root / "emulators" / "weights" / "sqg_edm_v2.pt"
-    ck = load_checkpoint("sqg_edm_v2.pt")  # the shipped weights are what this case trains
+    weights = root / "emulators" / "weights" / "sqg_edm_v3.pt"
+    ck = load_checkpoint("sqg_edm_v3.pt")  # the shipped weights are what this case trains
     assert ck.grid_shape == (64, 64) and weights.stat().st_size < 20e6
     assert ck.training["iterations"] == case.train.iterations
     assert ck.training["augment_iterations"] == case.augment.iterations
     assert ck.single_step["training"]["crps_iterations"] == case.crps.iterations
+    assert ck.single_step["training"]["distill_iterations"] == case.distill.iterations
+    assert ck.smoothing_order == case.crps.smoothing_order == 8
 
 
 def test_twin_train_command(tmp_path, capsys):

@@ -18,7 +18,7 @@ from twin.export import DTYPES, ExportError, build_module, export_checkpoint
 
 torch.set_num_threads(1)
 TINY = NetworkConfig(in_channels=6, out_channels=2, fold=2, channels=(8, 16), blocks=(1, 2), up_blocks=1, embed=16)
-SHIPPED = WEIGHTS_DIR / "sqg_edm_v2.pt"
+SHIPPED = WEIGHTS_DIR / "sqg_edm_v3.pt"
 TOL = 1e-6  # max |difference| in the fields' own units (K); float32 throughout
 
 # Runs in a fresh interpreter without EarthTwin on the path: only torch and the .pt files.
@@ -47,14 +47,14 @@ def random_weights(seed: int) -> dict[str, torch.Tensor]:
 
 
 def tiny_checkpoint(path: Path, shape: tuple[int, int] = (32, 32), periodic: tuple[bool, bool] = (True, True),
-                    single_step: bool = False) -> Path:
+                    single_step: bool = False, smoothing_order: int = 0) -> Path:
     """A checkpoint with random weights; with `single_step`, also a random consistency network."""
     single = {"state_dict": random_weights(1), "sigma_min": 0.002, "sigma_max": 20.0} if single_step else None
     return save_checkpoint(path, network_config=TINY, state_dict=random_weights(0), sigma_data=1.0,
                            variables=(("a", "K", "field a"), ("b", "K", "field b")), grid_shape=shape,
                            periodic=periodic, static=("cos_y", "sin_y"), dt_seconds=21600.0,
                            stats={"state_mean": (1.0, -1.0), "state_std": (10.0, 8.0), "inc_mean": (0.0, 0.1),
-                                  "inc_std": (2.0, 3.0)}, single_step=single)
+                                  "inc_std": (2.0, 3.0)}, single_step=single, smoothing_order=smoothing_order)
 
 
 def emulator(path: Path, dtype: torch.dtype = torch.float32, **sampler) -> DiffusionEmulator:
@@ -104,7 +104,7 @@ def run_fresh(tmp_path: Path, jobs: dict) -> dict:
 
 
 def test_round_trip_in_a_fresh_process(tmp_path):
-    tiny = tiny_checkpoint(tmp_path / "tiny.pt", single_step=True)
+    tiny = tiny_checkpoint(tmp_path / "tiny.pt", single_step=True, smoothing_order=8)
     cases = {"tiny_step_churn": (tiny, dict(steps=6, churn=2.0), 3),
              "shipped_step": (SHIPPED, {}, 2)}  # the shipped checkpoint with the emulator's defaults (18 steps)
     jobs, refs = {}, {}
@@ -137,11 +137,13 @@ def test_sidecar_states_layout_units_and_noise(tmp_path):
     assert meta["sampler"] == {"kind": "heun", "steps": 18, "sigma_min": 0.002, "sigma_max": 20.0, "rho": 7.0,
                                "churn": 0.0, "network_calls": 35}
     assert "Fortran array dimensioned (x, y, variable, member)" in meta["layout"]
+    assert meta["smoothing_order"] == load_checkpoint(SHIPPED).smoothing_order == 8
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["model.pt", "model.pt.json"]
 
 
 def test_unaligned_open_grid_and_float64_match_the_emulator(tmp_path):
-    ck = tiny_checkpoint(tmp_path / "odd.pt", shape=(30, 26), periodic=(True, False))
+    """Bit for bit, the Shapiro filter included (along y only: x is open)."""
+    ck = tiny_checkpoint(tmp_path / "odd.pt", shape=(30, 26), periodic=(True, False), smoothing_order=6)
     (state, noise), ref = step_case(ck, 2, steps=3, churn=1.0)
     module, _ = build_module(ck, steps=3, churn=1.0)
     assert torch.equal(module(state, noise), ref)
@@ -227,7 +229,7 @@ def test_cli_export(tmp_path, capsys):
 @pytest.mark.parametrize("shape, periodic", [((32, 32), (True, True)), ((30, 26), (True, False))])
 @pytest.mark.filterwarnings(r"ignore:`torch\.jit:DeprecationWarning")
 def test_single_step_round_trip_in_a_fresh_process(tmp_path, shape, periodic):
-    ck = tiny_checkpoint(tmp_path / "ss.pt", shape, periodic, single_step=True)
+    ck = tiny_checkpoint(tmp_path / "ss.pt", shape, periodic, single_step=True, smoothing_order=4)
     jobs, refs = {}, {}
     for dtype in DTYPES:
         args, refs[dtype] = step_case(ck, 3, DTYPES[dtype], sampler="single_step")

@@ -12,6 +12,8 @@ padding (zeros on open axes) and static channels inside, dtype float32 unless as
   only noise[0] is read); 2 · steps − 1 network calls.
   `sampler="single_step"`: draws = 1, the increment is the consistency function
   f(σ_max · noise[0], σ_max | state) (σ_min, σ_max from the checkpoint); one network call.
+  Either way the new state then goes through the checkpoint's Shapiro filter (`smoothing_order`,
+  periodic axes only; metadata `smoothing_order`), as the emulator's step does by default.
 - `what="denoiser"`: `forward(x, sigma, cond) -> D(x; σ | cond)`, the EDM-preconditioned denoiser.
   x: (batch, variable, y, x) noisy standardised increment; sigma: (batch,) noise levels in
   standardised units; cond: (batch, variable, y, x) the standardised state (state − mean) / std.
@@ -41,6 +43,7 @@ from torch import nn
 from emulators.diffusion.checkpoint import Checkpoint, load_checkpoint
 from emulators.diffusion.edm import sigma_schedule
 from emulators.diffusion.emulator import SAMPLERS, DiffusionEmulator, static_fields
+from emulators.diffusion.smoothing import shapiro_halo
 
 __all__ = ["ExportError", "export_checkpoint", "build_module"]
 WHATS = ("step", "denoiser", "consistency")
@@ -80,6 +83,8 @@ class _Core(nn.Module):
         self.register_buffer("iy", self._window(ny, hy, h, py))
         self.register_buffer("ix", self._window(nx, hx, h, px))
         self.open_y, self.open_x = not py, not px
+        self.smoothing_passes = shapiro_halo(ckpt.smoothing_order)
+        self.smoothing_axes = [axis for axis, on in ((2, py), (3, px)) if on]
         self.register_buffer("static", static_fields(ckpt.static, (ny, nx), (-h, ny + hy + h), (-h, nx + hx + h),
                                                      dtype))
         stats = {k: torch.tensor(v, dtype=dtype).view(-1, 1, 1) for k, v in ckpt.stats.items()}
@@ -136,6 +141,17 @@ class _Core(nn.Module):
         f = self.net(torch.cat([xp * c_in.view(-1, 1, 1, 1), cond], dim=1), c_noise)
         out = c_skip.view(-1, 1, 1, 1) * inner + c_out.view(-1, 1, 1, 1) * f
         return out[:, :, : self.ny, : self.nx]
+
+    def smooth(self, x: torch.Tensor) -> torch.Tensor:
+        """The Shapiro filter of `smoothing.shapiro` on the global grid (wrap by roll), op for op."""
+        if self.smoothing_passes == 0:
+            return x
+        for axis in self.smoothing_axes:
+            d = x
+            for _ in range(self.smoothing_passes):
+                d = (2 * d - torch.roll(d, 1, axis) - torch.roll(d, -1, axis)) / 4
+            x = x - d
+        return x
 
     def check(self, x: torch.Tensor, name: str) -> None:
         """x is (member or batch, variable, ny, nx)."""
@@ -215,7 +231,7 @@ class StepModule(_Core):
                 d2 = (x_next - self.denoise(x_next, s, cond)) / s_next
                 x_next = x + self.half[i] * (d + d2)
             x = x_next
-        return (x0 + self.inc_mean + self.inc_std * x).to(state.dtype)
+        return self.smooth(x0 + self.inc_mean + self.inc_std * x).to(state.dtype)
 
 
 class SingleStepModule(_Core):
@@ -235,7 +251,7 @@ class SingleStepModule(_Core):
         cond = self.condition((x0 - self.state_mean) / self.state_std)
         s = torch.full([x0.size(0)], self.sigma_max, dtype=x0.dtype, device=x0.device)
         inc = self.consistency(noise[0] * self.sigma_max, s, cond)
-        return (x0 + self.inc_mean + self.inc_std * inc).to(state.dtype)
+        return self.smooth(x0 + self.inc_mean + self.inc_std * inc).to(state.dtype)
 
 
 def _metadata(ckpt: Checkpoint, what: str, dtype: str, sampler: dict | None) -> dict:
@@ -271,6 +287,9 @@ def _metadata(ckpt: Checkpoint, what: str, dtype: str, sampler: dict | None) -> 
                             "units": [u for _, u, _ in ckpt.variables],
                             "valid_time": f"input time + {ckpt.dt_seconds:g} s"}]
         meta["sampler"] = sampler
+        meta["smoothing_order"] = ckpt.smoothing_order
+        meta["smoothing"] = ("Shapiro filter of this order after the step along periodic axes: x <- x - "
+                             "(-delta^2/4)^(order/2) x per axis, y first (0: none)")
     else:
         meta["inputs"] = [
             {"name": "x", "shape": ["batch", nvar, ny, nx], "units": "1 (standardised increment + noise)"},

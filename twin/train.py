@@ -71,7 +71,7 @@ class TrainConfig:
     threads: int = field(default=1, metadata={"min": 1, "help": "torch threads (1 where cores are shared)"})
     precision: Literal["float32", "bfloat16"] = field(default="float32", metadata={
         "help": "network arithmetic of every stage's training steps (bfloat16: autocast, float32 weights, "
-                "norms and residuals; ~1.7x faster where the CPU has AVX512-BF16); validation and the "
+                "norms and residuals; ~1.5x faster where the CPU has AVX512-BF16); validation and the "
                 "shipped emulator run in float32"})
 
 

@@ -57,7 +57,7 @@ class DiffusionEmulator:
 
     @dataclass(frozen=True)
     class Config:
-        checkpoint: str = field(default="sqg_edm_v2.pt", metadata={
+        checkpoint: str = field(default="sqg_edm_v3.pt", metadata={
             "help": "checkpoint file (a bare name is also looked up in emulators/weights/)"})
         sampler: str = field(default="heun", metadata={
             "help": "heun: EDM stochastic Heun, 2N - 1 network calls; single_step: the distilled, CRPS-tuned "
