@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from emulators.diffusion.smoothing import shapiro, shapiro_halo
+from emulators.diffusion.smoothing import shapiro, shapiro_halo, shapiro_wrapped
 from twin.domain import pad_halo
 
 
@@ -70,3 +70,16 @@ def test_a_tile_with_its_halo_equals_the_global_filter(ny, nx, data, order):
 
     tile = shapiro(x[..., y0:y1, x0:x1], order, (True, True), tile_pad)
     torch.testing.assert_close(tile, whole[..., y0:y1, x0:x1], atol=1e-12, rtol=0)
+
+
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit:DeprecationWarning")
+@settings(max_examples=15, deadline=None)
+@given(ny=st.integers(3, 20), nx=st.integers(3, 20), order=st.sampled_from([2, 4, 8, 16]),
+       periodic=st.sampled_from([(True, True), (True, False), (False, True)]))
+def test_wrapped_form_equals_the_halo_form_bit_for_bit(ny, nx, order, periodic):
+    """`shapiro_wrapped` (TorchScript, `twin export`) is the same filter as `shapiro` with periodic padding."""
+    x = torch.randn(2, 3, ny, nx, generator=torch.Generator().manual_seed(ny * nx), dtype=torch.float64)
+    axes = [axis for axis, on in zip((2, 3), periodic) if on]
+    halo = shapiro(x, order, periodic, lambda z, h: pad_halo(z, (h, h), periodic))
+    assert torch.equal(shapiro_wrapped(x, shapiro_halo(order), axes), halo)
+    assert torch.equal(torch.jit.script(shapiro_wrapped)(x, shapiro_halo(order), axes), halo)

@@ -43,7 +43,7 @@ from torch import nn
 from emulators.diffusion.checkpoint import Checkpoint, load_checkpoint
 from emulators.diffusion.edm import sigma_schedule
 from emulators.diffusion.emulator import SAMPLERS, DiffusionEmulator, static_fields
-from emulators.diffusion.smoothing import shapiro_halo
+from emulators.diffusion.smoothing import shapiro_halo, shapiro_wrapped
 
 __all__ = ["ExportError", "export_checkpoint", "build_module"]
 WHATS = ("step", "denoiser", "consistency")
@@ -143,15 +143,8 @@ class _Core(nn.Module):
         return out[:, :, : self.ny, : self.nx]
 
     def smooth(self, x: torch.Tensor) -> torch.Tensor:
-        """The Shapiro filter of `smoothing.shapiro` on the global grid (wrap by roll), op for op."""
-        if self.smoothing_passes == 0:
-            return x
-        for axis in self.smoothing_axes:
-            d = x
-            for _ in range(self.smoothing_passes):
-                d = (2 * d - torch.roll(d, 1, axis) - torch.roll(d, -1, axis)) / 4
-            x = x - d
-        return x
+        """The checkpoint's Shapiro filter on the global grid (as the emulator's step applies it)."""
+        return shapiro_wrapped(x, self.smoothing_passes, self.smoothing_axes)
 
     def check(self, x: torch.Tensor, name: str) -> None:
         """x is (member or batch, variable, ny, nx)."""
