@@ -166,15 +166,15 @@ def _abort_on_failure(code: int, message: str | None, user_error: bool) -> int:
         if message is not None:
             _fail(message)
         return code
+    import time
+
     rank = world.Get_rank()
     if user_error and rank != 0:
-        import time
-
         time.sleep(10.0)  # rank 0's Abort normally ends this rank here
     if message is not None:
         print(f"error: {message}" if user_error and rank == 0 else f"error (rank {rank}): {message}",
               file=sys.stderr, flush=True)
-    sys.stderr.flush()
+        time.sleep(0.5)  # let mpiexec forward the line: Abort tears its I/O proxies down at once
     world.Abort(code)
     return code
 
