@@ -227,44 +227,6 @@ def test_smoothing_order_round_trips_and_filters_each_step(tmp_path):
         make_emulator(tmp_path / "odd.pt")
 
 
-def test_conserve_mean_keeps_each_members_domain_means_and_changes_nothing_else(tmp_path):
-    """conserve_mean (checkpoint or case): every member's and variable's domain mean is the input's to
-    rounding, the change is a constant per field (no other wavenumber moves), both samplers; off by
-    default, and a malformed flag in a checkpoint is a one-line error."""
-    plain = write_checkpoint(tmp_path / "p.pt", smoothing_order=4)
-    kept = write_checkpoint(tmp_path / "k.pt", smoothing_order=4, conserve_mean=True)
-    assert not load_checkpoint(plain).conserve_mean and load_checkpoint(kept).conserve_mean
-    x = torch.randn(3, 2, 32, 32, dtype=torch.float64) * 5 + torch.tensor([3.0, -2.0]).view(1, 2, 1, 1)
-    raw = make_emulator(plain).step(x, 0.0)
-    drift = (raw - x).mean(dim=(-2, -1))
-    assert drift.abs().min() > 1e-3  # the random network does move the means: the test can fail
-    for emulator in (make_emulator(kept), make_emulator(plain, conserve_mean=True)):
-        out = emulator.step(x, 0.0)
-        torch.testing.assert_close(out.mean(dim=(-2, -1)), x.mean(dim=(-2, -1)), atol=1e-12, rtol=0)
-        torch.testing.assert_close(out, raw - drift[..., None, None], atol=1e-12, rtol=0)
-    assert torch.equal(make_emulator(kept, conserve_mean=False).step(x, 0.0), raw)
-    heun = make_emulator(kept, sampler="heun").step(x, 0.0)
-    torch.testing.assert_close(heun.mean(dim=(-2, -1)), x.mean(dim=(-2, -1)), atol=1e-12, rtol=0)
-    good = torch.load(kept, weights_only=True)
-    torch.save({**good, "conserve_mean": "yes"}, tmp_path / "bad.pt")
-    with pytest.raises(CheckpointMismatch, match="conserve_mean") as e:
-        make_emulator(tmp_path / "bad.pt")
-    assert "\n" not in str(e.value)
-
-
-def test_keep_domain_mean_with_a_validity_mask():
-    """Only valid points move, and their mean returns to the old one; invalid points are left alone."""
-    from emulators.diffusion.conservation import keep_domain_mean
-
-    gen = torch.Generator().manual_seed(1)
-    old, new = torch.randn(2, 3, 8, 8, generator=gen), torch.randn(2, 3, 8, 8, generator=gen) + 2.0
-    valid = torch.rand(2, 1, 8, 8, generator=gen) > 0.3
-    out = keep_domain_mean(new, old, valid)
-    assert torch.equal(torch.where(valid, new, out), new) and not torch.equal(out, new)
-    mean = lambda z: (z * valid).sum(dim=(-2, -1)) / valid.sum(dim=(-2, -1))  # noqa: E731
-    torch.testing.assert_close(mean(out), mean(old), atol=1e-5, rtol=0)
-
-
 def test_emulator_is_deterministic_and_members_differ(tmp_path):
     em = make_emulator(write_checkpoint(tmp_path / "c.pt"))
     x = torch.randn(3, 2, 32, 32, dtype=torch.float64) * 10

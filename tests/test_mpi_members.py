@@ -69,19 +69,17 @@ def test_lorenz96_letkf_members_or_subdomains_equal_serial(members):
     assert_same_run(twins, summaries, 1e-12)
 
 
-@pytest.mark.parametrize("stages, extra", [
-    ("[{method: letkf, inflation: 1.05, localization_radius: 4}]", []),
-    ("[{method: ensf, steps: 20, likelihood_step: implicit}, {method: repaint}]", []),  # inpaints all members
-    ("[{method: letkf, inflation: 1.05, localization_radius: 4}]", ["model.conserve_mean=true"]),
+@pytest.mark.parametrize("stages", [
+    "[{method: letkf, inflation: 1.05, localization_radius: 4}]",
+    "[{method: ensf, steps: 20, likelihood_step: implicit}, {method: repaint}]",  # inpaints all members
 ])
-def test_emulator_members_or_subdomains_equal_serial(tmp_path, stages, extra):
+def test_emulator_members_or_subdomains_equal_serial(tmp_path, stages):
     """A tiny random-weight emulator on 64 x 64 (halo exchange between the two 32-row tiles), 5 members
-    (3 + 2): the sampler's noise is keyed by global member index whichever group steps the member; with
-    conserve_mean the two tiles' partial sums add up to the serial domain means."""
+    (3 + 2): the sampler's noise is keyed by global member index whichever group steps the member."""
     checkpoint = write_checkpoint(tmp_path / "tiny.pt", shape=(64, 64))
     case = tmp_path / "case.yaml"
     case.write_text(EMULATOR_CASE.format(checkpoint=checkpoint, stages=stages))
-    twins, summaries = layouts(case, extra)
+    twins, summaries = layouts(case, [])
     assert_same_run(twins, summaries, 1e-10)
 
 

@@ -13,8 +13,7 @@ padding (zeros on open axes) and static channels inside, dtype float32 unless as
   `sampler="single_step"`: draws = 1, the increment is the consistency function
   f(σ_max · noise[0], σ_max | state) (σ_min, σ_max from the checkpoint); one network call.
   Either way the new state then goes through the checkpoint's Shapiro filter (`smoothing_order`,
-  periodic axes only; metadata `smoothing_order`) and, where the checkpoint says `conserve_mean`, gets
-  each member's domain means back, as the emulator's step does by default.
+  periodic axes only; metadata `smoothing_order`), as the emulator's step does by default.
 - `what="denoiser"`: `forward(x, sigma, cond) -> D(x; σ | cond)`, the EDM-preconditioned denoiser.
   x: (batch, variable, y, x) noisy standardised increment; sigma: (batch,) noise levels in
   standardised units; cond: (batch, variable, y, x) the standardised state (state − mean) / std.
@@ -44,7 +43,6 @@ from torch import nn
 from emulators.diffusion.checkpoint import Checkpoint, load_checkpoint
 from emulators.diffusion.edm import sigma_schedule
 from emulators.diffusion.emulator import SAMPLERS, DiffusionEmulator, static_fields
-from emulators.diffusion.conservation import keep_domain_mean
 from emulators.diffusion.smoothing import shapiro_halo, shapiro_wrapped
 
 __all__ = ["ExportError", "export_checkpoint", "build_module"]
@@ -87,7 +85,6 @@ class _Core(nn.Module):
         self.open_y, self.open_x = not py, not px
         self.smoothing_passes = shapiro_halo(ckpt.smoothing_order)
         self.smoothing_axes = [axis for axis, on in ((2, py), (3, px)) if on]
-        self.conserve_mean = bool(ckpt.conserve_mean)
         self.register_buffer("static", static_fields(ckpt.static, (ny, nx), (-h, ny + hy + h), (-h, nx + hx + h),
                                                      dtype))
         stats = {k: torch.tensor(v, dtype=dtype).view(-1, 1, 1) for k, v in ckpt.stats.items()}
@@ -145,11 +142,9 @@ class _Core(nn.Module):
         out = c_skip.view(-1, 1, 1, 1) * inner + c_out.view(-1, 1, 1, 1) * f
         return out[:, :, : self.ny, : self.nx]
 
-    def finish(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-        """What the emulator's step does after sampling, on the global grid: the checkpoint's Shapiro
-        filter, then (conserve_mean) the members' domain means of `old` restored."""
-        new = shapiro_wrapped(new, self.smoothing_passes, self.smoothing_axes)
-        return keep_domain_mean(new, old) if self.conserve_mean else new
+    def smooth(self, x: torch.Tensor) -> torch.Tensor:
+        """The checkpoint's Shapiro filter on the global grid (as the emulator's step applies it)."""
+        return shapiro_wrapped(x, self.smoothing_passes, self.smoothing_axes)
 
     def check(self, x: torch.Tensor, name: str) -> None:
         """x is (member or batch, variable, ny, nx)."""
@@ -229,7 +224,7 @@ class StepModule(_Core):
                 d2 = (x_next - self.denoise(x_next, s, cond)) / s_next
                 x_next = x + self.half[i] * (d + d2)
             x = x_next
-        return self.finish(x0 + self.inc_mean + self.inc_std * x, x0).to(state.dtype)
+        return self.smooth(x0 + self.inc_mean + self.inc_std * x).to(state.dtype)
 
 
 class SingleStepModule(_Core):
@@ -249,7 +244,7 @@ class SingleStepModule(_Core):
         cond = self.condition((x0 - self.state_mean) / self.state_std)
         s = torch.full([x0.size(0)], self.sigma_max, dtype=x0.dtype, device=x0.device)
         inc = self.consistency(noise[0] * self.sigma_max, s, cond)
-        return self.finish(x0 + self.inc_mean + self.inc_std * inc, x0).to(state.dtype)
+        return self.smooth(x0 + self.inc_mean + self.inc_std * inc).to(state.dtype)
 
 
 def _metadata(ckpt: Checkpoint, what: str, dtype: str, sampler: dict | None) -> dict:
@@ -288,9 +283,6 @@ def _metadata(ckpt: Checkpoint, what: str, dtype: str, sampler: dict | None) -> 
         meta["smoothing_order"] = ckpt.smoothing_order
         meta["smoothing"] = ("Shapiro filter of this order after the step along periodic axes: x <- x - "
                              "(-delta^2/4)^(order/2) x per axis, y first (0: none)")
-        meta["conserve_mean"] = ckpt.conserve_mean
-        meta["conservation"] = ("when true, after the filter each member's and variable's domain-mean change "
-                                "over the step (summed in float64) is subtracted uniformly")
     else:
         meta["inputs"] = [
             {"name": "x", "shape": ["batch", nvar, ny, nx], "units": "1 (standardised increment + noise)"},

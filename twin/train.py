@@ -124,9 +124,6 @@ class CRPSConfig:
     smoothing_order: int = field(default=0, metadata={"min": 0, "help": "Shapiro filter of this even order after "
                                  "each rollout step, along periodic axes; the checkpoint applies it after every "
                                  "step (0: none)"})
-    conserve_mean: bool = field(default=False, metadata={
-        "help": "each rollout step keeps every member's domain mean per variable (the SQG truth conserves it); "
-                "the checkpoint then does so after every step"})
 
 
 @dataclass(frozen=True)
@@ -447,7 +444,7 @@ def _train(case: TrainCase, raw: dict, file: str, folder: Path, source: _Source,
                            sigma_data=case.edm.sigma_data, variables=source.variables, grid_shape=source.grid_shape,
                            periodic=source.periodic, static=case.network.static, dt_seconds=source.dt_seconds,
                            stats=source.stats, training=training, single_step=single_step,
-                           smoothing_order=case.crps.smoothing_order, conserve_mean=case.crps.conserve_mean)
+                           smoothing_order=case.crps.smoothing_order)
     info = {"checkpoint": ckpt.name, "case": raw, "network": net_cfg.to_dict(), "receptive_halo": h,
             "alignment": net.alignment, "dt_seconds": source.dt_seconds, "stats": source.stats,
             "training": training, "history": histories}

@@ -24,7 +24,6 @@ from torch import nn
 
 from emulators.diffusion.consistency import (ConsistencyPrecond, ascending_sigmas, distillation_loss,
                                               one_step_sample, rollout_crps)
-from emulators.diffusion.conservation import keep_domain_mean
 from emulators.diffusion.edm import Precond, edm_loss
 from emulators.diffusion.smoothing import shapiro
 from twin.config import ConfigError
@@ -127,12 +126,10 @@ def _run_stage(stage: _Stage, live: nn.Module, ema: nn.Module, loss_fn: Callable
 
 
 def _settings(config: Any) -> dict:
-    """What a stage's result depends on among its settings (not its length or resume cadence); perturb: 0,
-    smoothing_order: 0 and conserve_mean: false are left out, so state files written before those settings
-    existed still resume."""
-    optional = ("perturb", "smoothing_order", "conserve_mean")
+    """What a stage's result depends on among its settings (not its length or resume cadence); perturb: 0
+    and smoothing_order: 0 are left out, so state files written before those settings existed still resume."""
     return {k: v for k, v in dataclasses.asdict(config).items()
-            if k not in ("iterations", "checkpoint_every") and not (k in optional and not v)}
+            if k not in ("iterations", "checkpoint_every") and not (k in ("perturb", "smoothing_order") and v == 0)}
 
 
 def _precision(case: TrainCase) -> dict:
@@ -297,8 +294,6 @@ def crps_stage(case: TrainCase, folder: Path, distilled: ConsistencyPrecond, dis
             cond = p.condition((x - p.mean) / p.std)
             out = x + p.inc_mean + p.inc_std * one_step_sample(run, z, sigma_max, cond, p.pad)
             out = shapiro(out, c.smoothing_order, p.periodic, p.pad_grid)
-            if c.conserve_mean:
-                out = keep_domain_mean(out, x, keep)
             return out if keep is None else torch.where(keep, out, x)
         return step
 

@@ -49,7 +49,6 @@ class Checkpoint:
     training: dict
     single_step: dict | None = None  # {state_dict, sigma_min, sigma_max, training} of the consistency network
     smoothing_order: int = 0  # Shapiro filter after each step, as trained (0: none)
-    conserve_mean: bool = False  # each step keeps every member's domain mean per variable, as trained
 
     def build_network(self) -> UNetLite:
         """The EDM denoiser's network (the multi-step sampler's)."""
@@ -81,7 +80,7 @@ def save_checkpoint(path: str | os.PathLike, *, network_config: NetworkConfig, s
                     variables: tuple[tuple[str, str, str], ...], grid_shape: tuple[int, ...],
                     periodic: tuple[bool, ...], static: tuple[str, ...], dt_seconds: float,
                     stats: dict[str, tuple[float, ...]], training: dict | None = None,
-                    single_step: dict | None = None, smoothing_order: int = 0, conserve_mean: bool = False) -> Path:
+                    single_step: dict | None = None, smoothing_order: int = 0) -> Path:
     """Write a checkpoint atomically (temporary file + rename); returns the path. `single_step`:
     {state_dict, sigma_min, sigma_max, training} of the consistency network, when one was trained."""
     payload = {
@@ -92,7 +91,7 @@ def save_checkpoint(path: str | os.PathLike, *, network_config: NetworkConfig, s
         "grid_shape": [int(n) for n in grid_shape], "periodic": [bool(p) for p in periodic],
         "static": list(static), "dt_seconds": float(dt_seconds),
         "stats": {k: [float(v) for v in stats[k]] for k in _STAT_KEYS}, "training": dict(training or {}),
-        "smoothing_order": int(smoothing_order), "conserve_mean": bool(conserve_mean),
+        "smoothing_order": int(smoothing_order),
     }
     if single_step is not None:
         payload["single_step"] = {
@@ -169,11 +168,9 @@ def _load_cached(path: str, mtime_ns: int, size: int) -> Checkpoint:
     order = raw.get("smoothing_order", 0)
     _check(isinstance(order, int) and order >= 0 and order % 2 == 0, p,
            f"smoothing_order {order!r} must be an even integer >= 0")
-    conserve = raw.get("conserve_mean", False)
-    _check(isinstance(conserve, bool), p, f"conserve_mean {conserve!r} must be true or false")
     return Checkpoint(str(p), net_cfg, dict(raw["state_dict"]), float(raw["sigma_data"]), variables, shape, periodic,
                       static, dt, stats, str(raw.get("earthtwin_version", "unknown")), dict(raw.get("training", {})),
-                      single, order, conserve)
+                      single, order)
 
 
 def _check_weights(p: Path, net_cfg: NetworkConfig, state_dict: Any, what: str) -> None:

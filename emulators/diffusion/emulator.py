@@ -27,7 +27,6 @@ import torch
 from emulators.base import Variable
 from emulators.diffusion.checkpoint import CheckpointMismatch, load_checkpoint
 from emulators.diffusion.consistency import ConsistencyPrecond
-from emulators.diffusion.conservation import mean_change_sums, remove_mean_change
 from emulators.diffusion.edm import Precond, heun_sample
 from emulators.diffusion.smoothing import shapiro, shapiro_halo
 from emulators.registry import register_model
@@ -74,9 +73,6 @@ class DiffusionEmulator:
         smoothing_order: int | None = field(default=None, metadata={
             "help": "Shapiro filter of this even order after each step, along periodic axes (0: none; "
                     "null: the checkpoint's, which it was trained with)"})
-        conserve_mean: bool | None = field(default=None, metadata={
-            "help": "each step keeps every member's domain mean per variable, as the SQG truth does (stops a "
-                    "free run's drift; one small allreduce per step); null: the checkpoint's"})
 
     time_unit_seconds = 1.0
 
@@ -106,7 +102,6 @@ class DiffusionEmulator:
         self.halo = width
         order = config.smoothing_order
         self.smoothing_order = ckpt.smoothing_order if order is None else order
-        self.conserve_mean = ckpt.conserve_mean if config.conserve_mean is None else config.conserve_mean
 
     @staticmethod
     def validate(config: "DiffusionEmulator.Config") -> None:
@@ -187,11 +182,8 @@ class DiffusionEmulator:
         else:
             inc = heun_sample(denoise, noise, steps=c.steps, sigma_min=c.sigma_min, sigma_max=c.sigma_max,
                               rho=c.rho, churn=c.churn)
-        new = shapiro(x + self.inc_mean + self.inc_std * inc, self.smoothing_order, self.grid.periodic,
-                      self.domain.exchange_halo)
-        if not self.conserve_mean:
-            return new
-        return remove_mean_change(new, self.domain.allreduce(mean_change_sums(new, x)), self.grid.size)
+        return shapiro(x + self.inc_mean + self.inc_std * inc, self.smoothing_order, self.grid.periodic,
+                       self.domain.exchange_halo)
 
     # ------------------------------------------------------------ learned inpainting
 
