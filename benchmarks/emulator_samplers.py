@@ -34,7 +34,7 @@ def emulator(checkpoint: str, sampler: str, steps: int) -> DiffusionEmulator:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", nargs="?", default="sqg_edm_v3.pt")
+    p.add_argument("checkpoint", nargs="?", default="sqg_edm_v4.pt")
     p.add_argument("--members", type=int, default=8)
     p.add_argument("--heun-steps", type=int, default=18)
     p.add_argument("--repeats", type=int, default=5)

@@ -438,14 +438,18 @@ def test_shipped_training_case_and_weights_are_valid():
     root = Path(__file__).parents[1]
     case, _ = load_train_case(root / "cases" / "sqg_train.yaml")
     assert case.truth[0] == "sqg"
-    weights = root / "emulators" / "weights" / "sqg_edm_v3.pt"
-    ck = load_checkpoint("sqg_edm_v3.pt")  # the shipped weights are what this case trains
+    weights = root / "emulators" / "weights" / "sqg_edm_v4.pt"
+    ck = load_checkpoint("sqg_edm_v4.pt")  # the shipped weights are what this case trains
     assert ck.grid_shape == (64, 64) and weights.stat().st_size < 20e6
     assert ck.training["iterations"] == case.train.iterations
     assert ck.training["augment_iterations"] == case.augment.iterations
     assert ck.single_step["training"]["crps_iterations"] == case.crps.iterations
     assert ck.single_step["training"]["distill_iterations"] == case.distill.iterations
     assert ck.smoothing_order == case.crps.smoothing_order == 8
+    import yaml  # the record beside the weights names the case they were trained with, setting for setting
+    record = yaml.safe_load(weights.with_suffix(".yaml").read_text(encoding="utf-8"))
+    assert record["checkpoint"] == weights.name
+    assert record["case"] == yaml.safe_load((root / "cases" / "sqg_train.yaml").read_text(encoding="utf-8"))
 
 
 def test_twin_train_command(tmp_path, capsys):

@@ -32,6 +32,24 @@ def test_inpainter_keeps_known_points_and_fills_the_rest(tmp_path):
     assert float((same[0] - same[1])[~known].abs().max()) > 1e-3  # members draw their own noise
 
 
+def test_inpainting_uses_the_edm_denoiser_whichever_the_sampler(tmp_path):
+    """RePaint needs a denoiser at each of its noise levels: the single-step emulator fills with the EDM
+    network, as the Heun one does (same keyed noise, so the same fill), not with its consistency network."""
+    from test_diffusion import random_net
+
+    single = {"state_dict": {k: v * 0.3 for k, v in random_net(seed=5).float().state_dict().items()},
+              "sigma_min": 0.002, "sigma_max": 20.0}
+    path = write_checkpoint(tmp_path / "c.pt", single_step=single)
+    g = torch.Generator().manual_seed(0)
+    prev = torch.randn(2, 2, 32, 32, generator=g, dtype=torch.float64) * 5
+    field = torch.randn(2, 2, 32, 32, generator=g, dtype=torch.float64) * 5
+    known = known_mask(2)
+    heun, one_step = make_emulator(path, sampler="heun"), make_emulator(path, sampler="single_step")
+    assert not torch.equal(heun.step(prev, 0.0), one_step.step(prev, 0.0))  # two different networks
+    filled = heun.inpainter(prev, heun.dt)(field, known)
+    assert torch.equal(one_step.inpainter(prev, heun.dt)(field, known), filled)
+
+
 @settings(max_examples=4, deadline=None)
 @given(cut=st.sampled_from([((0, 16, 32), (0, 32)), ((0, 16, 32), (0, 12, 32)), ((0, 4, 32), (0, 32))]),
        seed=st.integers(0, 100))

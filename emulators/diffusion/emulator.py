@@ -57,7 +57,7 @@ class DiffusionEmulator:
 
     @dataclass(frozen=True)
     class Config:
-        checkpoint: str = field(default="sqg_edm_v3.pt", metadata={
+        checkpoint: str = field(default="sqg_edm_v4.pt", metadata={
             "help": "checkpoint file (a bare name is also looked up in emulators/weights/)"})
         sampler: str = field(default="heun", metadata={
             "help": "heun: EDM stochastic Heun, 2N - 1 network calls; single_step: the distilled, CRPS-tuned "
@@ -90,6 +90,7 @@ class DiffusionEmulator:
                                             ckpt.single_step["sigma_min"])
         else:
             self.model = Precond(ckpt.build_network().to(dtype), ckpt.sigma_data)
+        self._denoiser: Precond | None = self.model if isinstance(self.model, Precond) else None
         self.receptive_halo = self.model.net.receptive_halo
         self.alignment = self.model.net.alignment
         self.streams = Streams(config.seed)
@@ -193,7 +194,9 @@ class DiffusionEmulator:
         where `known` (variable, *local) is True and fills the rest by RePaint-style sampling of the
         step's increment with the known part held fixed: at each level σ_k of `inpaint_levels`,
         predict the clean increment, overwrite its known part, re-noise to σ_{k+1}. Both levels of a
-        2-level state are filled coherently, including a level with no known point."""
+        2-level state are filled coherently, including a level with no known point. The predictions
+        come from the EDM denoiser whichever the sampler: it is trained at every noise level, whereas
+        the single-step network's CRPS tuning is at σ_max only (with it, v4 filled 19-88 % worse)."""
         key = int(round(t / self.dt))
 
         def fill(field: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
@@ -210,13 +213,15 @@ class DiffusionEmulator:
         def pad(z: torch.Tensor, h: int = 0) -> torch.Tensor:
             return self.domain.exchange_halo(z, width)[(..., *read)]
 
+        if self._denoiser is None:
+            self._denoiser = Precond(self.ckpt.build_network().to(self.dtype), self.ckpt.sigma_data)
         cond = torch.cat([pad((previous - self.mean) / self.std), static.expand(members, *static.shape)], dim=1)
         target = (field - previous - self.inc_mean) / self.inc_std
         levels = self.config.inpaint_levels
         noise = self._noise_fn(key, members, self.domain, "repaint")
         x = noise(0) * levels[0]
         for k, sigma in enumerate(levels):
-            clean = self.model(x, torch.full((members,), sigma, dtype=self.dtype), cond, pad)[(..., *keep)]
+            clean = self._denoiser(x, torch.full((members,), sigma, dtype=self.dtype), cond, pad)[(..., *keep)]
             clean = torch.where(known, target, clean)
             if k + 1 < len(levels):
                 x = clean + levels[k + 1] * noise(k + 1)
