@@ -5,7 +5,9 @@ ensemble) cycle by cycle and accumulates, after burn-in, the analysis-mean RMSE 
 three regions: theta_bottom where it is observed (x < 32), theta_bottom where it is not (x ≥ 32), and
 theta_top (never observed). Prints a table with the ratio learned / baseline (< 1: learned is better).
 
-    python benchmarks/partial_obs.py [--cycles 60] [--burn-in 10]
+    python benchmarks/partial_obs.py [--cycles 60] [--burn-in 10] [--set truth.seed=2 ...]
+
+`--set KEY=VALUE` overrides both cases alike (other seeds: another realisation of the comparison).
 """
 from __future__ import annotations
 
@@ -32,8 +34,8 @@ def region_errors(mean: torch.Tensor, truth: torch.Tensor, west: int) -> list[fl
     return [float(err[0, :, :west].mean()), float(err[0, :, west:].mean()), float(err[1].mean())]
 
 
-def run(case: str, cycles: int, burn_in: int) -> dict:
-    tw = Twin.from_yaml(CASES / case, [f"run.cycles={cycles}", f"run.burn_in={burn_in}"])
+def run(case: str, cycles: int, burn_in: int, overrides: list[str]) -> dict:
+    tw = Twin.from_yaml(CASES / case, [f"run.cycles={cycles}", f"run.burn_in={burn_in}", *overrides])
     region = tw.case.observations.region
     west = region[1][1] if region else tw.grid.shape[1]
     total, n, t0 = [0.0, 0.0, 0.0], 0, time.perf_counter()
@@ -50,11 +52,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cycles", type=int, default=60)
     p.add_argument("--burn-in", type=int, default=10)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override of both cases")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    base = run("sqg_partial_obs.yaml", args.cycles, args.burn_in)
-    learned = run("sqg_partial_obs_learned.yaml", args.cycles, args.burn_in)
-    print(f"analysis-mean RMSE (K), cycles {args.burn_in}..{args.cycles - 1}; wall {base['seconds']:.0f} s "
+    base = run("sqg_partial_obs.yaml", args.cycles, args.burn_in, args.set)
+    learned = run("sqg_partial_obs_learned.yaml", args.cycles, args.burn_in, args.set)
+    print(f"analysis-mean RMSE (K), cycles {args.burn_in}..{args.cycles - 1}{''.join(' ' + o for o in args.set)}; wall {base['seconds']:.0f} s "
           f"(baseline), {learned['seconds']:.0f} s (learned)")
     print(f"{'region':<30} {'baseline':>9} {'learned':>9} {'learned/baseline':>17}")
     for name, b, le in zip(REGIONS, base["rmse"], learned["rmse"]):
