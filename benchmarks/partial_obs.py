@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     base = run("sqg_partial_obs.yaml", args.cycles, args.burn_in, args.set)
     learned = run("sqg_partial_obs_learned.yaml", args.cycles, args.burn_in, args.set)
-    print(f"analysis-mean RMSE (K), cycles {args.burn_in}..{args.cycles - 1}{''.join(' ' + o for o in args.set)}; wall {base['seconds']:.0f} s "
-          f"(baseline), {learned['seconds']:.0f} s (learned)")
+    settings = "".join(" " + o for o in args.set)
+    print(f"analysis-mean RMSE (K), cycles {args.burn_in}..{args.cycles - 1}{settings}; "
+          f"wall {base['seconds']:.0f} s (baseline), {learned['seconds']:.0f} s (learned)")
     print(f"{'region':<30} {'baseline':>9} {'learned':>9} {'learned/baseline':>17}")
     for name, b, le in zip(REGIONS, base["rmse"], learned["rmse"]):
         print(f"{name:<30} {b:>9.3f} {le:>9.3f} {le / b:>17.2f}")
