@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hypothesis import given, settings, strategies as st
 
 from emulators.diffusion import (CheckpointMismatch, DiffusionEmulator, NetworkConfig, Precond, UNetLite,
@@ -446,7 +447,7 @@ def test_shipped_training_case_and_weights_are_valid():
     assert ck.single_step["training"]["crps_iterations"] == case.crps.iterations
     assert ck.single_step["training"]["distill_iterations"] == case.distill.iterations
     assert ck.smoothing_order == case.crps.smoothing_order == 8
-    import yaml  # the record beside the weights names the case they were trained with, setting for setting
+    # the record beside the weights names the case they were trained with, setting for setting
     record = yaml.safe_load(weights.with_suffix(".yaml").read_text(encoding="utf-8"))
     assert record["checkpoint"] == weights.name
     assert record["case"] == yaml.safe_load((root / "cases" / "sqg_train.yaml").read_text(encoding="utf-8"))

@@ -17,6 +17,7 @@ serial run's numbers. The network runs in the run's dtype (float32 or float64).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -90,7 +91,6 @@ class DiffusionEmulator:
                                             ckpt.single_step["sigma_min"])
         else:
             self.model = Precond(ckpt.build_network().to(dtype), ckpt.sigma_data)
-        self._denoiser: Precond | None = self.model if isinstance(self.model, Precond) else None
         self.receptive_halo = self.model.net.receptive_halo
         self.alignment = self.model.net.alignment
         self.streams = Streams(config.seed)
@@ -204,6 +204,13 @@ class DiffusionEmulator:
 
         return fill
 
+    @functools.cached_property
+    def denoiser(self) -> Precond:
+        """The EDM denoiser: the Heun sampler's model, built on first use under the single-step one."""
+        if isinstance(self.model, Precond):
+            return self.model
+        return Precond(self.ckpt.build_network().to(self.dtype), self.ckpt.sigma_data)
+
     @torch.no_grad()
     def _repaint(self, previous: torch.Tensor, field: torch.Tensor, known: torch.Tensor,
                  key: int) -> torch.Tensor:
@@ -213,15 +220,13 @@ class DiffusionEmulator:
         def pad(z: torch.Tensor, h: int = 0) -> torch.Tensor:
             return self.domain.exchange_halo(z, width)[(..., *read)]
 
-        if self._denoiser is None:
-            self._denoiser = Precond(self.ckpt.build_network().to(self.dtype), self.ckpt.sigma_data)
         cond = torch.cat([pad((previous - self.mean) / self.std), static.expand(members, *static.shape)], dim=1)
         target = (field - previous - self.inc_mean) / self.inc_std
         levels = self.config.inpaint_levels
         noise = self._noise_fn(key, members, self.domain, "repaint")
         x = noise(0) * levels[0]
         for k, sigma in enumerate(levels):
-            clean = self._denoiser(x, torch.full((members,), sigma, dtype=self.dtype), cond, pad)[(..., *keep)]
+            clean = self.denoiser(x, torch.full((members,), sigma, dtype=self.dtype), cond, pad)[(..., *keep)]
             clean = torch.where(known, target, clean)
             if k + 1 < len(levels):
                 x = clean + levels[k + 1] * noise(k + 1)
