@@ -21,6 +21,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
+from emulators.diffusion.checkpoint import SHIPPED_SQG  # noqa: E402
 from emulators.diffusion.emulator import DiffusionEmulator  # noqa: E402
 from emulators.diffusion.skill import ensemble_skill, truth_runs  # noqa: E402
 from emulators.registry import model_registry  # noqa: E402
@@ -34,7 +35,7 @@ def emulator(checkpoint: str, sampler: str, steps: int) -> DiffusionEmulator:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", nargs="?", default="sqg_edm_v4.pt")
+    p.add_argument("checkpoint", nargs="?", default=SHIPPED_SQG)
     p.add_argument("--members", type=int, default=8)
     p.add_argument("--heun-steps", type=int, default=18)
     p.add_argument("--repeats", type=int, default=5)

@@ -77,11 +77,11 @@ def sqg_case(folder: Path) -> tuple[Path, str, int, int]:
     receptive halo and its calls per step."""
     import torch
 
-    from emulators.diffusion.checkpoint import load_checkpoint
+    from emulators.diffusion.checkpoint import SHIPPED_SQG, load_checkpoint
     from emulators.diffusion.emulator import DiffusionEmulator
     from twin.domain import SerialDomain
 
-    name = "sqg_edm_v4.pt"
+    name = SHIPPED_SQG
     sampler = "single_step" if load_checkpoint(name).single_step else "heun"
     path = folder / "sqg_emulator.yaml"
     path.write_text(SQG_CASE.format(checkpoint=name, sampler=sampler))

@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from emulators.diffusion import (CheckpointMismatch, DiffusionEmulator, NetworkConfig, Precond, UNetLite,
                                  edm_loss, heun_sample, load_checkpoint, save_checkpoint, sigma_schedule)
+from emulators.diffusion.checkpoint import SHIPPED_SQG, WEIGHTS_DIR
 from emulators.diffusion.edm import EDMConfig, coefficients
 from emulators.diffusion.network import _trace
 from emulators.registry import model_registry
@@ -439,8 +440,8 @@ def test_shipped_training_case_and_weights_are_valid():
     root = Path(__file__).parents[1]
     case, _ = load_train_case(root / "cases" / "sqg_train.yaml")
     assert case.truth[0] == "sqg"
-    weights = root / "emulators" / "weights" / "sqg_edm_v4.pt"
-    ck = load_checkpoint("sqg_edm_v4.pt")  # the shipped weights are what this case trains
+    weights = WEIGHTS_DIR / SHIPPED_SQG
+    ck = load_checkpoint(SHIPPED_SQG)  # the shipped weights are what this case trains
     assert ck.grid_shape == (64, 64) and weights.stat().st_size < 20e6
     assert ck.training["iterations"] == case.train.iterations
     assert ck.training["augment_iterations"] == case.augment.iterations
@@ -462,3 +463,17 @@ def test_twin_train_command(tmp_path, capsys):
     assert (out / "checkpoint.pt").is_file() and str(out / "checkpoint.pt") in capsys.readouterr().out
     assert main(["train", str(case), "--set", "data.step=1000s", "--out", str(out), "--quiet"]) == 2
     assert "data.step" in capsys.readouterr().err
+
+
+def test_cases_and_docs_name_the_shipped_weights():
+    """A new weights version leaves no case or document pointing at a file that is no longer shipped."""
+    import re
+
+    root = Path(__file__).parents[1]
+    files = [*root.glob("cases/*.yaml"), *root.glob("*.md"), *root.glob("docs/*.md")]
+    named = {m for f in files for m in re.findall(r"sqg_edm_v\d+\.pt", f.read_text(encoding="utf-8"))}
+    assert SHIPPED_SQG in named
+    shipped = {p.name for p in WEIGHTS_DIR.glob("*.pt")}
+    stale = {f.name for f in files if set(re.findall(r"checkpoint: (sqg_edm_v\d+\.pt)", f.read_text(encoding="utf-8")))
+             - shipped}
+    assert not stale, f"cases naming weights that are not shipped: {stale}"

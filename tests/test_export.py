@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from emulators.diffusion import CheckpointMismatch, DiffusionEmulator, NetworkConfig, Precond, UNetLite
-from emulators.diffusion.checkpoint import WEIGHTS_DIR, load_checkpoint, save_checkpoint
+from emulators.diffusion.checkpoint import SHIPPED_SQG, WEIGHTS_DIR, load_checkpoint, save_checkpoint
 from emulators.diffusion.consistency import ConsistencyPrecond
 from emulators.diffusion.emulator import static_fields
 from twin.domain import SerialDomain, pad_halo
@@ -18,7 +18,7 @@ from twin.export import DTYPES, ExportError, build_module, export_checkpoint
 
 torch.set_num_threads(1)
 TINY = NetworkConfig(in_channels=6, out_channels=2, fold=2, channels=(8, 16), blocks=(1, 2), up_blocks=1, embed=16)
-SHIPPED = WEIGHTS_DIR / "sqg_edm_v4.pt"
+SHIPPED = WEIGHTS_DIR / SHIPPED_SQG
 TOL = 1e-6  # max |difference| in the fields' own units (K); float32 throughout
 
 # Runs in a fresh interpreter without EarthTwin on the path: only torch and the .pt files.

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from emulators.base import Variable
-from emulators.diffusion.checkpoint import CheckpointMismatch, load_checkpoint
+from emulators.diffusion.checkpoint import SHIPPED_SQG, CheckpointMismatch, load_checkpoint
 from emulators.diffusion.consistency import ConsistencyPrecond
 from emulators.diffusion.edm import Precond, heun_sample
 from emulators.diffusion.smoothing import shapiro, shapiro_halo
@@ -58,7 +58,7 @@ class DiffusionEmulator:
 
     @dataclass(frozen=True)
     class Config:
-        checkpoint: str = field(default="sqg_edm_v4.pt", metadata={
+        checkpoint: str = field(default=SHIPPED_SQG, metadata={
             "help": "checkpoint file (a bare name is also looked up in emulators/weights/)"})
         sampler: str = field(default="heun", metadata={
             "help": "heun: EDM stochastic Heun, 2N - 1 network calls; single_step: the distilled, CRPS-tuned "
