@@ -10,7 +10,7 @@ variables, on 1 rank x 1 thread, 1 rank x 2 threads and 2 ranks x 1 thread, thro
 variables per rank on 1, 2 and 4 ranks (4 ranks oversubscribe the 2 cores: marked). One rank at
 `--size / 64` and `--size / 1024` variables gives the per-rank compute of a 64- and 1024-rank run.
 
-SQG emulator: the diffusion emulator (the shipped `sqg_edm_v4.pt`; its
+SQG emulator: the diffusion emulator (the shipped weights, `SHIPPED_SQG`; its
 single-step sampler if the checkpoint has one, else Heun with 4 steps) as forecast and truth model on
 the 64 x 64 x 2 grid, float32, 8 members, paired EnSF (100 pseudo-steps, implicit) of 10 % of the
 points every 6 h step. Layouts: 1 rank x 1 and x 2 threads; 2 ranks with the members split
