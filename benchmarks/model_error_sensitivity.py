@@ -24,14 +24,17 @@ CASE = os.path.join(os.path.dirname(__file__), "..", "cases", "sqg_perfect_model
 DEFAULT_RUNS = ("0:0", "0.5:0", "0.5:0.5", "0:1", "1:0", "1:1", "1.5:0")
 
 
-def band_noise(shape: tuple[int, ...], rms: float, band: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
-    """Random fields (n, variables, y, x) of wavenumbers band[0]..band[1], each scaled to `rms`."""
-    ny, nx = shape[-2:]
+def band_mask(ny: int, nx: int, band: tuple[int, int]) -> torch.Tensor:
+    """1 at the 2-D wavenumbers |k| in band[0]..band[1] of an (ny, nx) FFT, else 0."""
     ky = torch.fft.fftfreq(ny, 1 / ny)[:, None]
     kx = torch.fft.fftfreq(nx, 1 / nx)[None, :]
     k = (ky ** 2 + kx ** 2).sqrt()
-    keep = ((k >= band[0]) & (k <= band[1])).to(torch.float32)
-    f = torch.fft.ifft2(torch.fft.fft2(torch.randn(shape, generator=gen)) * keep).real
+    return ((k >= band[0]) & (k <= band[1])).to(torch.float32)
+
+
+def band_noise(shape: tuple[int, ...], rms: float, mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random fields (n, variables, y, x) of the wavenumbers `mask` keeps, each scaled to `rms`."""
+    f = torch.fft.ifft2(torch.fft.fft2(torch.randn(shape, generator=gen)) * mask).real
     return f / f.square().mean(tuple(range(1, f.dim())), keepdim=True).sqrt() * rms
 
 
@@ -39,12 +42,13 @@ def run(mean_rms: float, spread_rms: float, band: tuple[int, int], seed: int, ov
     """One perfect-model twin run with the error added after every forecast; its summary scores."""
     tw = Twin(load_case(CASE, ("output.figures=false", *overrides)))
     gen = torch.Generator().manual_seed(seed)
+    mask = band_mask(*tw.ensemble.shape[-2:], band)
     for _ in range(tw.case.run.cycles):
         tw.assimilate()
         ens = tw.forecast()
         one = (1, *ens.shape[1:])
-        tw.ensemble = (ens + band_noise(one, mean_rms, band, gen).to(ens.dtype)
-                       + band_noise(tuple(ens.shape), spread_rms, band, gen).to(ens.dtype))
+        tw.ensemble = (ens + band_noise(one, mean_rms, mask, gen).to(ens.dtype)
+                       + band_noise(tuple(ens.shape), spread_rms, mask, gen).to(ens.dtype))
     s = tw.summary()
     return {"mean_rms": mean_rms, "spread_rms": spread_rms,
             **{k: s[k] for k in ("rmse_analysis", "rmse_forecast", "spread_analysis")}}
