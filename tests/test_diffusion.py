@@ -62,6 +62,26 @@ def test_tiled_evaluation_with_halos_equals_global(ny, nx, cuts, dtype):
     torch.testing.assert_close(tiled, whole, atol=atol, rtol=0)
 
 
+@settings(max_examples=10, deadline=None)
+@given(fold=st.integers(1, 2), levels=st.integers(1, 3), blocks=st.integers(0, 2), up=st.integers(0, 2),
+       ny=st.integers(1, 4), nx=st.integers(1, 4))
+def test_wrapped_convolutions_equal_the_halo_evaluation(fold, levels, blocks, up, ny, nx):
+    """On a whole doubly periodic field, `wrap` (circular 3x3 convolutions, no halo: the training and
+    serial fast path) is the same function as the valid convolutions on the periodically padded input."""
+    config = NetworkConfig(in_channels=5, out_channels=2, fold=fold, channels=(8, 12, 16)[:levels],
+                           blocks=(blocks, 1, 2)[:levels], up_blocks=up, embed=16)
+    net = random_net(config, seed=fold + 10 * levels)
+    h, a = net.receptive_halo, net.alignment
+    x = torch.randn(2, 5, ny * a, nx * a, generator=torch.Generator().manual_seed(ny + 7 * nx), dtype=torch.float64)
+    c_noise = torch.tensor([-1.0, 0.5], dtype=torch.float64)
+    with torch.no_grad():
+        halo = net(periodic(x, h), c_noise)
+        net.wrap = True
+        wrapped = net(x, c_noise)
+    assert net.input_halo == 0 and float(halo.abs().max()) > 0.1
+    torch.testing.assert_close(wrapped, halo, atol=1e-10, rtol=0)
+
+
 def test_receptive_halo_is_minimal_and_bounds_the_influence():
     net = random_net()
     h = net.receptive_halo
@@ -182,7 +202,8 @@ def test_checkpoint_round_trip(tmp_path):
         torch.testing.assert_close(net.state_dict()[k], v * 0.3)
     assert model_registry["diffusion"] is DiffusionEmulator
     em = make_emulator(path)
-    assert em.dt == 21600.0 and em.halo == em.receptive_halo == 26 and [v.name for v in em.variables] == ["a", "b"]
+    assert em.dt == 21600.0 and em.receptive_halo == 26 and [v.name for v in em.variables] == ["a", "b"]
+    assert em.wrap and em.halo == 0  # one process, the whole periodic grid: wrapping convolutions, no halo
 
 
 def test_checkpoint_mismatches_are_one_line_errors(tmp_path):

@@ -399,9 +399,12 @@ def _train(case: TrainCase, raw: dict, file: str, folder: Path, source: _Source,
     with torch.random.fork_rng(devices=[]):  # deterministic initialisation, global RNG left untouched
         torch.manual_seed(t.seed)
         net = UNetLite(net_cfg)
-    h, a = net.receptive_halo, net.alignment
+    a = net.alignment
     ny, nx = source.grid_shape
     gy, gx = (-(-n // a) * a for n in (ny, nx))
+    # whole doubly periodic fields on an aligned grid: wrapping convolutions, no halo (same function, ~1.7x faster)
+    net.wrap = all(source.periodic) and (gy, gx) == (ny, nx)
+    h = net.input_halo
     # on the network's window, as the emulator's: the grid grown to multiples of the alignment, plus the halo
     static = static_fields(case.network.static, (ny, nx), (-h, gy + h), (-h, gx + h))
     train_pairs, val_pairs = source.pairs(static, h, a)
@@ -445,7 +448,7 @@ def _train(case: TrainCase, raw: dict, file: str, folder: Path, source: _Source,
                            periodic=source.periodic, static=case.network.static, dt_seconds=source.dt_seconds,
                            stats=source.stats, training=training, single_step=single_step,
                            smoothing_order=case.crps.smoothing_order)
-    info = {"checkpoint": ckpt.name, "case": raw, "network": net_cfg.to_dict(), "receptive_halo": h,
+    info = {"checkpoint": ckpt.name, "case": raw, "network": net_cfg.to_dict(), "receptive_halo": net.receptive_halo,
             "alignment": net.alignment, "dt_seconds": source.dt_seconds, "stats": source.stats,
             "training": training, "history": histories}
     (folder / "config.yaml").write_text(yaml.safe_dump(info, sort_keys=False), encoding="utf-8")

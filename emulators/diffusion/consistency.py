@@ -42,7 +42,7 @@ class ConsistencyPrecond(nn.Module):
         c_out = (s - self.sigma_min) * self.sigma_data / (s.square() + d2).sqrt()
         c_in = 1.0 / (s.square() + d2).sqrt()
         view = (-1,) + (1,) * (x.dim() - 1)
-        h = self.net.receptive_halo
+        h = self.net.input_halo
         xp = pad(x, h)
         inner = xp[..., h:-h, h:-h] if h else xp
         f = self.net(torch.cat([xp * c_in.view(view), cond], dim=1), s.log() / 4)

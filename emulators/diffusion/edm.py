@@ -58,7 +58,7 @@ class Precond(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, pad: Pad) -> torch.Tensor:
         c_skip, c_out, c_in, c_noise = coefficients(sigma.to(x.dtype), self.sigma_data)
         view = (-1,) + (1,) * (x.dim() - 1)
-        h = self.net.receptive_halo
+        h = self.net.input_halo
         xp = pad(x, h)
         inner = xp[..., h:-h, h:-h] if h else xp
         f = self.net(torch.cat([xp * c_in.view(view), cond], dim=1), c_noise)

@@ -61,6 +61,11 @@ def crop(x: torch.Tensor, r: int) -> torch.Tensor:
     return x if r == 0 else x[..., r:-r, r:-r]
 
 
+def conv3x3(layer: nn.Conv2d, x: torch.Tensor, wrap: bool) -> torch.Tensor:
+    """A 'valid' 3x3 convolution, or (wrap) one on a doubly periodic field that keeps its size."""
+    return layer(F.pad(x, (1, 1, 1, 1), mode="circular") if wrap else x)
+
+
 def _trace(config: NetworkConfig, halo: int) -> int | None:
     """Halo (in folded pixels) left at the head for an input halo `halo`, or None if too small."""
     if halo % config.fold:
@@ -124,11 +129,12 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, wrap: bool = False) -> torch.Tensor:
         scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
-        h = self.conv1(F.silu(self.norm1(x) * (1 + scale) + shift))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return full_precision(crop(x, 2)) + h  # the residual stream stays float32 under bf16 autocast
+        h = conv3x3(self.conv1, F.silu(self.norm1(x) * (1 + scale) + shift), wrap)
+        h = conv3x3(self.conv2, F.silu(self.norm2(h)), wrap)
+        # the residual stream stays float32 under bf16 autocast
+        return full_precision(x if wrap else crop(x, 2)) + h
 
 
 class NoiseEmbedding(nn.Module):
@@ -156,6 +162,10 @@ class UNetLite(nn.Module):
         self.receptive_halo = receptive_halo(config)
         self.alignment = f * 2 ** (len(c.channels) - 1)
         self._head_crop = _trace(config, self.receptive_halo)
+        # Training on whole doubly periodic fields may switch this on: every 3x3 convolution then wraps
+        # circularly and the input carries no halo. Same function (periodic padding of the input is the
+        # periodic extension each valid convolution would see), without computing the halo's wasted ring.
+        self.wrap = False
         self.embed = NoiseEmbedding(c.embed)
         self.stem = nn.Conv2d(c.in_channels * f * f, c.channels[0], 3)
         self.down = nn.ModuleList(nn.ModuleList(ResBlock(ch, c.embed) for _ in range(n))
@@ -169,21 +179,26 @@ class UNetLite(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
+    @property
+    def input_halo(self) -> int:
+        """The halo the input carries: `receptive_halo`, or 0 while `wrap` is on."""
+        return 0 if self.wrap else self.receptive_halo
+
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
-        f, h, a = self.config.fold, self.receptive_halo, self.alignment
+        f, h, a, wrap = self.config.fold, self.input_halo, self.alignment, self.wrap
         ny, nx = x.shape[-2] - 2 * h, x.shape[-1] - 2 * h
         if ny <= 0 or nx <= 0 or ny % a or nx % a:
             raise ValueError(f"UNetLite: interior {ny} x {nx} (input {tuple(x.shape[-2:])} minus a halo of {h} "
                              f"on each side) must be positive multiples of {a}")
         emb = self.embed(c_noise)
-        z = self.stem(F.pixel_unshuffle(x, f) if f > 1 else x)
-        r = h // f - 1
+        z = conv3x3(self.stem, F.pixel_unshuffle(x, f) if f > 1 else x, wrap)
+        r = 0 if wrap else h // f - 1  # halo left, in pixels of the current level
         skips: list[tuple[torch.Tensor, int]] = []
         levels = len(self.down)
         for level, blocks in enumerate(self.down):
             for block in blocks:
-                z = block(z, emb)
-            r -= 2 * len(blocks)
+                z = block(z, emb, wrap)
+            r -= 0 if wrap else 2 * len(blocks)
             if level < levels - 1:
                 skips.append((z, r))
                 z, r = crop(z, r % 2), r - r % 2
@@ -195,8 +210,8 @@ class UNetLite(nn.Module):
             skip, rs = skips[level]
             z = z + crop(skip, rs - r)
             for block in self.up[level]:
-                z = block(z, emb)
-            r -= 2 * len(self.up[level])
+                z = block(z, emb, wrap)
+            r -= 0 if wrap else 2 * len(self.up[level])
         z = self.head(F.silu(self.head_norm(crop(z, r))))
         z = F.pixel_shuffle(z, f) if f > 1 else z
         return z.to(x.dtype)
