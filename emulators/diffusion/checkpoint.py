@@ -24,7 +24,7 @@ FORMAT = "earthtwin-diffusion"
 FORMAT_VERSION = 1
 STATIC_CHANNELS = ("cos_y", "sin_y", "cos_x", "sin_x")
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
-SHIPPED_SQG = "sqg_edm_v5.pt"  # the SQG emulator `twin train cases/sqg_train.yaml` trains
+SHIPPED_SQG = "sqg_edm_v6.pt"  # the SQG emulator `twin train cases/sqg_train.yaml` trains
 _STAT_KEYS = ("state_mean", "state_std", "inc_mean", "inc_std")
 
 
