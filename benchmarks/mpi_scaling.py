@@ -200,12 +200,14 @@ def sqg_part(repeats: int) -> None:
         print(f"{k:>5} {4 * k:>7} {t['cycles_per_second']:>9.3f} "
               f"{t['cycles_per_second'] / weak[1]['cycles_per_second']:>10.2f} {t['forecast']:>11.3f} "
               f"{t['analysis']:>11.3f}{mark}")
-    # the grid split's halo: the receptive halo, no alignment slack for 32-row tiles (multiples of 4)
+    # the grid split's halo: the receptive halo, no alignment slack for 32-row tiles (multiples of 4); one rank
+    # holding the whole periodic grid (1 rank, members split) wraps its convolutions and reads no halo
     ny, nx, variables, itemsize = 64, 64, 2, 4
-    window, whole = (ny // 2 + 2 * halo) * (nx + 2 * halo), (ny + 2 * halo) * (nx + 2 * halo)
+    window, whole = (ny // 2 + 2 * halo) * (nx + 2 * halo), ny * nx
     print(f"\nGrid split: a 32-row tile reads {2 * halo} halo rows (+{2 * halo / (ny // 2):.0%} rows); its "
-          f"input window is {window} points against {whole} for the whole grid: 2 tiles read "
-          f"{2 * window / whole:.2f}x the serial input (less in deeper layers: valid convolutions shrink it)")
+          f"input window is {window} points against the {whole} of the whole grid, which one rank evaluates "
+          f"with wrapped convolutions (no halo): 2 tiles read {2 * window / whole:.2f}x the serial input (less "
+          f"in deeper layers: valid convolutions shrink it)")
     member_bytes = variables * ny * nx * itemsize
     halo_msg = halo * nx * variables * itemsize  # one member, one side, one exchange
     f1 = base["forecast"] / 8  # measured forecast seconds per member and cycle
