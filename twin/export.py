@@ -78,7 +78,7 @@ class _Core(nn.Module):
         a = net.alignment
         (ny, nx), (py, px) = ckpt.grid_shape, ckpt.periodic
         hy, hx = -(-ny // a) * a - ny, -(-nx // a) * a - nx  # slack up to the next aligned size
-        net.wrap = py and px and hy == hx == 0  # as the serial emulator: wrapping convolutions, no halo
+        net.wrap = net.can_wrap(ckpt.grid_shape, ckpt.periodic)  # as the serial emulator: no halo
         h = net.input_halo
         self.h, self.ny, self.nx = h, ny, nx
         self.sigma_data, self.sigma_min = float(ckpt.sigma_data), float(sigma_min)

@@ -403,7 +403,7 @@ def _train(case: TrainCase, raw: dict, file: str, folder: Path, source: _Source,
     ny, nx = source.grid_shape
     gy, gx = (-(-n // a) * a for n in (ny, nx))
     # whole doubly periodic fields on an aligned grid: wrapping convolutions, no halo (same function, ~1.7x faster)
-    net.wrap = all(source.periodic) and (gy, gx) == (ny, nx)
+    net.wrap = net.can_wrap(source.grid_shape, source.periodic)
     h = net.input_halo
     # on the network's window, as the emulator's: the grid grown to multiples of the alignment, plus the halo
     static = static_fields(case.network.static, (ny, nx), (-h, gy + h), (-h, gx + h))

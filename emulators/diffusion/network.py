@@ -161,7 +161,6 @@ class UNetLite(nn.Module):
         self.config = config
         self.receptive_halo = receptive_halo(config)
         self.alignment = f * 2 ** (len(c.channels) - 1)
-        self._head_crop = _trace(config, self.receptive_halo)
         # Training on whole doubly periodic fields may switch this on: every 3x3 convolution then wraps
         # circularly and the input carries no halo. Same function (periodic padding of the input is the
         # periodic extension each valid convolution would see), without computing the halo's wasted ring.
@@ -184,6 +183,10 @@ class UNetLite(nn.Module):
         """The halo the input carries: `receptive_halo`, or 0 while `wrap` is on."""
         return 0 if self.wrap else self.receptive_halo
 
+    def can_wrap(self, shape: tuple[int, ...], periodic: tuple[bool, ...]) -> bool:
+        """Whether a whole grid of `shape` may be evaluated with `wrap`: periodic and aligned on both axes."""
+        return all(periodic) and all(n % self.alignment == 0 for n in shape)
+
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
         f, h, a, wrap = self.config.fold, self.input_halo, self.alignment, self.wrap
         ny, nx = x.shape[-2] - 2 * h, x.shape[-1] - 2 * h
@@ -193,12 +196,13 @@ class UNetLite(nn.Module):
         emb = self.embed(c_noise)
         z = conv3x3(self.stem, F.pixel_unshuffle(x, f) if f > 1 else x, wrap)
         r = 0 if wrap else h // f - 1  # halo left, in pixels of the current level
+        shrink = 0 if wrap else 2  # halo points each residual block consumes
         skips: list[tuple[torch.Tensor, int]] = []
         levels = len(self.down)
         for level, blocks in enumerate(self.down):
             for block in blocks:
                 z = block(z, emb, wrap)
-            r -= 0 if wrap else 2 * len(blocks)
+            r -= shrink * len(blocks)
             if level < levels - 1:
                 skips.append((z, r))
                 z, r = crop(z, r % 2), r - r % 2
@@ -211,7 +215,7 @@ class UNetLite(nn.Module):
             z = z + crop(skip, rs - r)
             for block in self.up[level]:
                 z = block(z, emb, wrap)
-            r -= 0 if wrap else 2 * len(self.up[level])
+            r -= shrink * len(self.up[level])
         z = self.head(F.silu(self.head_norm(crop(z, r))))
         z = F.pixel_shuffle(z, f) if f > 1 else z
         return z.to(x.dtype)
