@@ -314,6 +314,9 @@ class Ensf:
             "min": 0.0, "max": 1.0, "help": "relax the analysis spread towards the prior's, pointwise (RTPS)"})
         localization_radius: float | None = field(default=None, metadata={
             "gt": 0.0, "help": "unobserved: regression: distance where the Gaspari-Cohn taper is exp(-1/2)"})
+        regression_ridge: float = field(default=1e-8, metadata={
+            "gt": 0.0, "help": "unobserved: regression: ridge added to the observed prior covariance, as a "
+                               "fraction of its mean variance (~0.1 damps its poorly sampled directions)"})
         chunk_size: int | None = field(default=None, metadata={
             "help": "state points per chunk of the fast path (null: about 262144 values / members)"})
 
@@ -338,7 +341,8 @@ class Ensf:
         else:
             analysis = self._analyse(ens, obs, ctx)
         if cfg.unobserved == "regression":
-            analysis = regression_fill(ens, analysis, obs, ctx, float(cfg.localization_radius))
+            analysis = regression_fill(ens, analysis, obs, ctx, float(cfg.localization_radius),
+                                       float(cfg.regression_ridge))
         elif cfg.unobserved != "keep":
             analysis = fill_unobserved(ens, analysis, obs, ctx, cfg.unobserved)
         if cfg.rtps:

@@ -47,6 +47,26 @@ def taper_matrix(grid: Grid, point_coords: torch.Tensor, obs_locations: torch.Te
     return torch.where(taper < CUTOFF, torch.zeros_like(taper), taper)
 
 
+def node_taper(grid: Grid, obs_index: torch.Tensor, radius: float) -> torch.Tensor:
+    """`taper_matrix` between every grid node (C order) and the nodes at flat indices `obs_index`.
+
+    On a Cartesian `Grid` a distance depends only on the index offset, so the taper is evaluated once
+    per offset and looked up (G·p gathers instead of G·p distances: ~10x faster for the SQG twin's
+    regression); other grids (geographic distances) compute every pair."""
+    if type(grid).distance is not Grid.distance:
+        coords = grid.coordinates()
+        return taper_matrix(grid, coords, coords[obs_index], radius)
+    spans = [torch.arange(-(n - 1), n, dtype=torch.float64) * h for n, h in zip(grid.shape, grid.spacing)]
+    offsets = torch.stack([m.reshape(-1) for m in torch.meshgrid(*spans, indexing="ij")], dim=-1)
+    table = taper_matrix(grid, offsets, torch.zeros(1, grid.ndim, dtype=torch.float64), radius).reshape(-1)
+    nodes = torch.arange(grid.size)
+    flat = torch.zeros((), dtype=torch.long)
+    for n, node_axis, obs_axis in zip(grid.shape, torch.unravel_index(nodes, grid.shape),
+                                      torch.unravel_index(obs_index, grid.shape)):
+        flat = flat * (2 * n - 1) + (node_axis[:, None] - obs_axis[None, :] + (n - 1))
+    return table[flat]
+
+
 def support(radius: float) -> float:
     """Distance beyond which the taper is exactly zero (2 c)."""
     return 2.0 * HALF_WIDTH_PER_RADIUS * radius

@@ -443,6 +443,30 @@ def test_interrupted_training_resumes_exactly(tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("precision, native, warns", [("bfloat16", False, True), ("bfloat16", True, False),
+                                                     ("float32", False, False)])
+def test_emulated_bfloat16_training_warns(tmp_path, monkeypatch, caplog, precision, native, warns):
+    import twin.train as train
+
+    monkeypatch.setattr(train, "native_bfloat16", lambda: native)
+    path = train_case(tmp_path)
+    with caplog.at_level("WARNING", logger="twin.train"):
+        train.train_from_case(path, (f"train.precision={precision}", "train.iterations=1"), out=tmp_path / "o",
+                              quiet=True)
+    said = [r.getMessage() for r in caplog.records if r.name == "twin.train"]
+    assert bool(said) == warns
+    assert not warns or (str(path) in said[0] and "train.precision" in said[0] and "float32" in said[0])
+
+
+def test_native_bfloat16_probe_matches_the_cpu_flags():
+    from twin.train import native_bfloat16
+
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else None
+    if flags is None or not hasattr(torch.cpu, "_is_avx512_bf16_supported"):
+        pytest.skip("no /proc/cpuinfo or no torch CPU probes")
+    assert native_bfloat16() == ("avx512_bf16" in flags or "amx_tile" in flags)
+
+
 def test_training_case_errors_name_the_key(tmp_path):
     from twin.config import ConfigError
     from twin.train import load_train_case

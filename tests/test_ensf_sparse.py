@@ -82,6 +82,27 @@ def test_regression_fill_equals_the_linear_regression_with_a_wide_taper():
     torch.testing.assert_close(out.reshape(30, -1), expect, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("ridge", [1e-3, 0.1, 1.0])
+def test_regression_fill_ridge_is_a_fraction_of_the_mean_observed_variance(ridge):
+    """Δx_u = C_uo (C_oo + ε I)⁻¹ Δy_o with ε = ridge · mean(diag C_oo); a larger ridge shrinks the fill."""
+    grid, _, ens, obs = problem(shape=(5, 4), variables=2, members=30, observed=12, seed=5)
+    analysis = ens.clone()
+    idx = obs.operator.flat_index
+    flat = analysis.reshape(30, -1)
+    flat[:, idx] += torch.randn(30, len(idx), dtype=flat.dtype, generator=torch.Generator().manual_seed(1))
+    out = regression_fill(ens, analysis, obs, ctx_for(grid), radius=1e5, ridge=ridge)
+    a = ens.reshape(30, -1) - ens.reshape(30, -1).mean(0)
+    c = a.t() @ a / 29
+    c_oo = c[idx][:, idx]
+    c_oo = c_oo + ridge * c_oo.diagonal().mean() * torch.eye(len(idx), dtype=c.dtype)
+    dy = (analysis - ens).reshape(30, -1)[:, idx]
+    expect = ens.reshape(30, -1) + (c[:, idx] @ torch.linalg.solve(c_oo, dy.t())).t()
+    expect[:, idx] = analysis.reshape(30, -1)[:, idx]
+    torch.testing.assert_close(out.reshape(30, -1), expect, rtol=1e-5, atol=1e-6)
+    tiny = regression_fill(ens, analysis, obs, ctx_for(grid), radius=1e5)
+    assert float((out - ens).norm()) < float((tiny - ens).norm())
+
+
 def test_regression_fill_is_local():
     """Points beyond the taper's support (3.65 r) from every observation keep the prior."""
     grid, _, ens, obs = problem(shape=(30,), variables=1, members=10, observed=None, seed=4)

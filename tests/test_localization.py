@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from assim.localization import CUTOFF, HALF_WIDTH_PER_RADIUS, gaspari_cohn, support, taper_matrix
+from assim.geo import GeoGrid
+from assim.localization import CUTOFF, HALF_WIDTH_PER_RADIUS, gaspari_cohn, node_taper, support, taper_matrix
 from twin.domain import Grid
 
 f64 = torch.float64
@@ -110,3 +111,24 @@ def test_bad_radius() -> None:
     for r in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="radius"):
             taper_matrix(grid, pts, pts, r)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=3), data=st.data())
+def test_node_taper_equals_the_pairwise_taper(shape, data) -> None:
+    """The offset-table lookup gives the pairwise taper on any Cartesian grid (periodic or not, any spacing)."""
+    periodic = tuple(data.draw(st.booleans()) for _ in shape)
+    spacing = tuple(data.draw(st.sampled_from([0.5, 1.0, 1.7])) for _ in shape)
+    grid = Grid(tuple(shape), periodic, spacing)
+    index = torch.tensor(data.draw(st.lists(st.integers(0, grid.size - 1), min_size=1, max_size=12)))
+    radius = data.draw(st.floats(0.3, 4.0))
+    coords = grid.coordinates()
+    expected = taper_matrix(grid, coords, coords[index], radius)
+    torch.testing.assert_close(node_taper(grid, index, radius), expected, atol=1e-12, rtol=0)
+
+
+def test_node_taper_on_a_geographic_grid_uses_its_distances() -> None:
+    grid = GeoGrid((6, 12), (False, True), (30.0, 30.0), origin=(-75.0, 0.0))
+    index = torch.tensor([0, 13, 40, 71])
+    coords = grid.coordinates()
+    torch.testing.assert_close(node_taper(grid, index, 2000.0), taper_matrix(grid, coords, coords[index], 2000.0))

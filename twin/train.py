@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -371,6 +372,13 @@ def _archive_source(case: TrainCase, archive: Archive, folder: Path) -> _Source:
                    {"archive": meta})
 
 
+def native_bfloat16() -> bool:
+    """Whether this CPU does bfloat16 arithmetic natively (AVX512-BF16 or AMX): only then does
+    `train.precision: bfloat16` pay (elsewhere torch emulates it, far slower than float32)."""
+    cpu = torch.cpu
+    return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def train_from_case(path: str | Path, overrides: tuple[str, ...] | list[str] = (), out: str | Path | None = None,
                     resume: bool = True, quiet: bool = False) -> Path:
     """Train the emulator a training case describes; returns the path of the final checkpoint.
@@ -379,6 +387,11 @@ def train_from_case(path: str | Path, overrides: tuple[str, ...] | list[str] = (
     the single-step sampler. Each resumes from its `OUT/*_state.pt` when present and `resume`."""
     case, raw = load_train_case(path, tuple(overrides))
     file = str(path)
+    if case.train.precision == "bfloat16" and not native_bfloat16():
+        logging.getLogger(__name__).warning(
+            "%s: train.precision: bfloat16 on a CPU without native bfloat16 (AVX512-BF16 or AMX): autocast is "
+            "emulated, 10-20x slower than float32 (benchmarks/train_precision.py); --set train.precision=float32 "
+            "trains the same recipe (other last bits)", file)
     folder = Path(out or case.out or f"out/{case.name}")
     if case.archive is None:
         folder.mkdir(parents=True, exist_ok=True)
