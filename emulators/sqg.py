@@ -117,6 +117,28 @@ class SQG:
         prof = -amp * torch.cos(l * y)
         return prof[None, :, None].expand(2, n, n).to(dtype).clone()
 
+    symmetry_count = 8
+
+    @staticmethod
+    def symmetry(index: int, theta: torch.Tensor) -> torch.Tensor:
+        """Element `index` (0-7) of the dynamics' exact symmetry group, applied to whole fields (..., 2, y, x).
+
+        With the symmetric jet θ_eq ∝ −cos(2πy/L) (both levels; so θ_eq(y + L/2) = −θ_eq(y) = −θ_eq(−y)) and
+        isotropic inversion, dissipation and dealiasing, the model commutes with three generators, each an
+        involution and with each other (bits of `index`, applied in this order):
+          1: θ(x, y) ↦ −θ(−x, y + L/2)  (mirror in x: u ↦ −u, the jet's direction restored by the shift)
+          2: θ(x, y) ↦ −θ(x, L/2 − y)   (mirror in y)
+          4: (θ_b, θ_t) ↦ −(θ_t, θ_b)(y + L/2)  (z ↦ H − z: the lids swap)
+        so every element is its own inverse; 0 is the identity (tests/test_sqg.py checks step ∘ g = g ∘ step)."""
+        n = theta.shape[-2]
+        if index & 1:
+            theta = -theta.flip(-1).roll((1, n // 2), (-1, -2))
+        if index & 2:
+            theta = -theta.flip(-2).roll(1 + n // 2, -2)
+        if index & 4:
+            theta = -theta.flip(-3).roll(n // 2, -2)
+        return theta
+
     def initial_state(self, noise: torch.Tensor) -> torch.Tensor:
         """The twin's truth start: the equilibrium jet plus unit white noise (local block, K); the
         noise seeds baroclinic instability (spin up ~100 days)."""

@@ -354,6 +354,40 @@ def test_decomposed_step_equals_serial_step(tmp_path, rows, cols):
         torch.testing.assert_close(results[r], serial[..., ys, xs], atol=1e-9, rtol=0)
 
 
+def test_symmetric_members_conjugate_each_members_step(tmp_path):
+    """symmetries: members steps member m as g⁻¹ f(g x) with g = SQG.symmetry(m mod 8): member 0 is the plain
+    step, the others differ from it, each is keyed by its global member index (a member split reproduces
+    the whole ensemble's step), and a checkpoint without a symmetric truth model, or a split grid, is refused."""
+    from emulators.sqg import SQG
+
+    path = write_checkpoint(tmp_path / "c.pt", training={"truth_model": "sqg"})
+    x = torch.randn(10, 2, 32, 32, dtype=torch.float64) * 5
+    plain, sym = make_emulator(path), make_emulator(path, symmetries="members")
+    out = sym.step(x, 21600.0)
+    for m in (0, 3, 9):
+        g = lambda z: SQG.symmetry(m % 8, z)  # noqa: E731
+        expect = g(plain.step(g(x[m:m + 1]), 21600.0, first_member=m))
+        torch.testing.assert_close(out[m:m + 1], expect, atol=1e-12, rtol=0)
+    assert (out[3] - plain.step(x, 21600.0)[3]).abs().max() > 1e-3
+    torch.testing.assert_close(sym.step(x[4:], 21600.0, first_member=4), out[4:], atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="symmetries: members needs the symmetries"):
+        make_emulator(write_checkpoint(tmp_path / "archive.pt"), symmetries="members")
+    with pytest.raises(ValueError, match="symmetries"):
+        make_emulator(path, symmetries="mirror")
+    grid = DiffusionEmulator.global_grid(DiffusionEmulator.Config(checkpoint=str(path)))
+    errors = ThreadedTiles(grid, (0, 16, 32), (0, 32)).run(lambda dom: _error(lambda: make_emulator(
+        path, dom, symmetries="members")))
+    assert all("whole fields on every rank" in e for e in errors.values())
+
+
+def _error(make) -> str:
+    try:
+        make()
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("shape,axes_periodic", [((64, 64), (True, True)), ((32, 32), (True, True)),
                                                  ((12, 12), (True, True)), ((18, 10), (True, False))])

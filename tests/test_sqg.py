@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from emulators.registry import model_registry
 from emulators.sqg import SQG
@@ -96,6 +98,20 @@ def test_hyperdiffusion_efolds_in_a_day_at_the_largest_retained_wavenumber(deali
     assert math.isclose(float(x.abs().max()), math.exp(-1.0), rel_tol=1e-6)
     beyond = torch.cos((kmax + 1) * xg).expand(1, 2, 64, 64)
     assert float(m.step(beyond).abs().max()) < 1e-12  # not retained: removed
+
+
+@settings(max_examples=12, deadline=None)
+@given(index=st.integers(0, 7), size=st.sampled_from([16, 24, 32]), dealias=st.sampled_from(["truncate", "pad"]),
+       seed=st.integers(0, 10**6))
+def test_symmetries_commute_with_the_model(index, size, dealias, seed):
+    """step(g θ) = g step(θ) for every element g of SQG.symmetry's group, each its own inverse."""
+    m = make(size=size, dealias=dealias, dt=3600.0)
+    x = SQG.equilibrium(m.config)[None] + smooth_field(n=size, kcut=size // 4, std=5.0, seed=seed)
+    g = lambda z: SQG.symmetry(index, z)  # noqa: E731
+    torch.testing.assert_close(g(g(x)), x, atol=0, rtol=0)
+    assert index == 0 or (g(x) - x).abs().max() > 1.0
+    torch.testing.assert_close(run(m, g(x), 6), g(run(m, x, 6)), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(g(SQG.equilibrium(m.config)), SQG.equilibrium(m.config), atol=1e-12, rtol=0)
 
 
 def test_batched_members_equal_one_by_one():

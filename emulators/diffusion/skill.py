@@ -18,7 +18,7 @@ import time
 import torch
 
 from emulators.diffusion.consistency import fair_crps_loss
-from emulators.diffusion.emulator import SAMPLERS, DiffusionEmulator
+from emulators.diffusion.emulator import SAMPLERS, SYMMETRIES, DiffusionEmulator
 from emulators.registry import model_registry
 from twin.domain import SerialDomain
 from twin.random import Streams
@@ -113,13 +113,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=18)
     p.add_argument("--churn", type=float, default=0.0)
     p.add_argument("--sigma-max", type=float, default=20.0)
+    p.add_argument("--symmetries", default="none", choices=SYMMETRIES, help="members: symmetry-conjugated members")
     p.add_argument("--rollout-days", type=float, default=0.0, help="free run length (0: none)")
     p.add_argument("--seed", type=int, default=9000, help="first truth seed (keep clear of training seeds)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = DiffusionEmulator.Config(checkpoint=args.checkpoint, sampler=args.sampler, steps=args.steps,
-                                   churn=args.churn, sigma_max=args.sigma_max)
+                                   churn=args.churn, sigma_max=args.sigma_max, symmetries=args.symmetries)
     em = DiffusionEmulator(cfg, SerialDomain(DiffusionEmulator.global_grid(cfg)), torch.float32)
     truth_cfg = model_registry["sqg"].Config(size=em.grid.shape[0])
     stride = round(2 * 86400 / em.dt)
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     climate = truth_runs("sqg", truth_cfg, [args.seed + 500], 50 * 86400, 10 * 86400, args.members).float()[0]
     t1 = time.perf_counter()
     scores = ensemble_skill(em, truth, args.members, args.leads, stride, climate)
-    result = {"checkpoint": args.checkpoint, "sampler": args.sampler, "steps": args.steps, "churn": args.churn,
+    result = {"checkpoint": args.checkpoint, "sampler": args.sampler, "symmetries": args.symmetries,
+              "steps": args.steps, "churn": args.churn,
               "sigma_max": args.sigma_max, "members": args.members, "truth_seconds": round(t1 - t0, 1),
               "forecast_seconds": round(time.perf_counter() - t1, 1), "scores": scores}
     if args.rollout_days > 0:
