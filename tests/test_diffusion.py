@@ -370,6 +370,15 @@ def test_symmetric_members_conjugate_each_members_step(tmp_path):
         torch.testing.assert_close(out[m:m + 1], expect, atol=1e-12, rtol=0)
     assert (out[3] - plain.step(x, 21600.0)[3]).abs().max() > 1e-3
     torch.testing.assert_close(sym.step(x[4:], 21600.0, first_member=4), out[4:], atol=1e-12, rtol=0)
+    mean2 = make_emulator(path, symmetries="members", symmetry_mean=2).step(x, 21600.0)
+    for m in (1, 6):
+        pair = [SQG.symmetry(i, x[m:m + 1]) for i in (m % 8, (m + 4) % 8)]
+        draws = [SQG.symmetry(i, plain._sample(z, 1, m, variant)) for i, z, variant in
+                 zip((m % 8, (m + 4) % 8), pair, (0, 1))]
+        torch.testing.assert_close(mean2[m:m + 1], (draws[0] + draws[1]) / 2, atol=1e-12, rtol=0)
+    for bad in (dict(symmetry_mean=3, symmetries="members"), dict(symmetry_mean=2)):
+        with pytest.raises(ValueError, match="symmetry_mean"):
+            make_emulator(path, **bad)
     with pytest.raises(ValueError, match="symmetries: members needs the symmetries"):
         make_emulator(write_checkpoint(tmp_path / "archive.pt"), symmetries="members")
     with pytest.raises(ValueError, match="symmetries"):

@@ -114,13 +114,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--churn", type=float, default=0.0)
     p.add_argument("--sigma-max", type=float, default=20.0)
     p.add_argument("--symmetries", default="none", choices=SYMMETRIES, help="members: symmetry-conjugated members")
+    p.add_argument("--symmetry-mean", type=int, default=1, help="conjugated samples averaged per member")
     p.add_argument("--rollout-days", type=float, default=0.0, help="free run length (0: none)")
     p.add_argument("--seed", type=int, default=9000, help="first truth seed (keep clear of training seeds)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = DiffusionEmulator.Config(checkpoint=args.checkpoint, sampler=args.sampler, steps=args.steps,
-                                   churn=args.churn, sigma_max=args.sigma_max, symmetries=args.symmetries)
+                                   churn=args.churn, sigma_max=args.sigma_max, symmetries=args.symmetries,
+                                   symmetry_mean=args.symmetry_mean)
     em = DiffusionEmulator(cfg, SerialDomain(DiffusionEmulator.global_grid(cfg)), torch.float32)
     truth_cfg = model_registry["sqg"].Config(size=em.grid.shape[0])
     stride = round(2 * 86400 / em.dt)
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     t1 = time.perf_counter()
     scores = ensemble_skill(em, truth, args.members, args.leads, stride, climate)
     result = {"checkpoint": args.checkpoint, "sampler": args.sampler, "symmetries": args.symmetries,
+              "symmetry_mean": args.symmetry_mean,
               "steps": args.steps, "churn": args.churn,
               "sigma_max": args.sigma_max, "members": args.members, "truth_seconds": round(t1 - t0, 1),
               "forecast_seconds": round(time.perf_counter() - t1, 1), "scores": scores}
