@@ -51,20 +51,21 @@ def node_taper(grid: Grid, obs_index: torch.Tensor, radius: float) -> torch.Tens
     """`taper_matrix` between every grid node (C order) and the nodes at flat indices `obs_index`.
 
     On a Cartesian `Grid` a distance depends only on the index offset, so the taper is evaluated once
-    per offset and looked up (G·p gathers instead of G·p distances: ~10x faster for the SQG twin's
-    regression); other grids (geographic distances) compute every pair."""
+    per offset and looked up (G·p gathers instead of G·p distances: 18-33x faster on the SQG grids,
+    benchmarks/taper_lookup.py); other grids (geographic distances) compute every pair."""
     if type(grid).distance is not Grid.distance:
         coords = grid.coordinates()
         return taper_matrix(grid, coords, coords[obs_index], radius)
     spans = [torch.arange(-(n - 1), n, dtype=torch.float64) * h for n, h in zip(grid.shape, grid.spacing)]
     offsets = torch.stack([m.reshape(-1) for m in torch.meshgrid(*spans, indexing="ij")], dim=-1)
-    table = taper_matrix(grid, offsets, torch.zeros(1, grid.ndim, dtype=torch.float64), radius).reshape(-1)
-    nodes = torch.arange(grid.size)
-    flat = torch.zeros((), dtype=torch.long)
-    for n, node_axis, obs_axis in zip(grid.shape, torch.unravel_index(nodes, grid.shape),
-                                      torch.unravel_index(obs_index, grid.shape)):
-        flat = flat * (2 * n - 1) + (node_axis[:, None] - obs_axis[None, :] + (n - 1))
-    return table[flat]
+    origin = torch.zeros(1, grid.ndim, dtype=torch.float64)
+    table = taper_matrix(grid, offsets, origin, radius).reshape(tuple(2 * n - 1 for n in grid.shape))
+    index = []  # per axis: (offset index of node i from observation j), broadcast over the other axes
+    for axis, (n, obs_axis) in enumerate(zip(grid.shape, torch.unravel_index(obs_index, grid.shape))):
+        shape = [1] * grid.ndim + [len(obs_index)]
+        shape[axis] = n
+        index.append((torch.arange(n)[:, None] - obs_axis[None, :] + (n - 1)).reshape(shape))
+    return table[tuple(index)].reshape(grid.size, len(obs_index))
 
 
 def support(radius: float) -> float:
