@@ -131,4 +131,5 @@ def test_node_taper_on_a_geographic_grid_uses_its_distances() -> None:
     grid = GeoGrid((6, 12), (False, True), (30.0, 30.0), origin=(-75.0, 0.0))
     index = torch.tensor([0, 13, 40, 71])
     coords = grid.coordinates()
-    torch.testing.assert_close(node_taper(grid, index, 2000.0), taper_matrix(grid, coords, coords[index], 2000.0))
+    expected = taper_matrix(grid, coords, coords[index], 2000.0)
+    torch.testing.assert_close(node_taper(grid, index, 2000.0), expected)

@@ -101,8 +101,8 @@ def test_hyperdiffusion_efolds_in_a_day_at_the_largest_retained_wavenumber(deali
 
 
 @settings(max_examples=12, deadline=None)
-@given(index=st.integers(0, 7), size=st.sampled_from([16, 24, 32]), dealias=st.sampled_from(["truncate", "pad"]),
-       seed=st.integers(0, 10**6))
+@given(index=st.integers(0, 7), size=st.sampled_from([16, 24, 32]),
+       dealias=st.sampled_from(["truncate", "pad"]), seed=st.integers(0, 10**6))
 def test_symmetries_commute_with_the_model(index, size, dealias, seed):
     """step(g θ) = g step(θ) for every element g of SQG.symmetry's group, each its own inverse."""
     m = make(size=size, dealias=dealias, dt=3600.0)

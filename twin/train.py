@@ -375,8 +375,7 @@ def _archive_source(case: TrainCase, archive: Archive, folder: Path) -> _Source:
 def native_bfloat16() -> bool:
     """Whether this CPU does bfloat16 arithmetic natively (AVX512-BF16 or AMX): only then does
     `train.precision: bfloat16` pay (elsewhere torch emulates it, far slower than float32)."""
-    cpu = torch.cpu
-    return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def train_from_case(path: str | Path, overrides: tuple[str, ...] | list[str] = (), out: str | Path | None = None,

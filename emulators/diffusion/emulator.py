@@ -124,7 +124,10 @@ class DiffusionEmulator:
         self.halo = 0 if self.wrap else width
         order = config.smoothing_order
         self.smoothing_order = ckpt.smoothing_order if order is None else order
-        self.symmetry = self._symmetry(config, ckpt, whole)
+        self.symmetry = self._symmetry(config, ckpt)
+        if self.symmetry is not None and not whole:
+            raise ValueError("symmetries: members needs whole fields on every rank (the symmetries mirror and "
+                             "shift the grid): split the members across ranks, not the grid")
 
     @staticmethod
     def validate(config: "DiffusionEmulator.Config") -> None:
@@ -135,17 +138,20 @@ class DiffusionEmulator:
         if config.sampler not in SAMPLERS:
             raise ValueError(f"sampler {config.sampler!r} is not available (one of: {', '.join(SAMPLERS)})")
         if config.symmetries not in SYMMETRIES:
-            raise ValueError(f"symmetries {config.symmetries!r} is not available (one of: {', '.join(SYMMETRIES)})")
+            raise ValueError(f"symmetries {config.symmetries!r} is not available "
+                             f"(one of: {', '.join(SYMMETRIES)})")
         if config.smoothing_order is not None:
             shapiro_halo(config.smoothing_order)
         ckpt = load_checkpoint(config.checkpoint)
         if config.sampler == "single_step":
             ckpt.build_single_step_network()
+        DiffusionEmulator._symmetry(config, ckpt)
 
     @staticmethod
-    def _symmetry(config: "DiffusionEmulator.Config", ckpt: Checkpoint, whole: bool
+    def _symmetry(config: "DiffusionEmulator.Config", ckpt: Checkpoint
                   ) -> tuple[int, Callable[[int, torch.Tensor], torch.Tensor]] | None:
-        """(group size G, g(index, fields)) of the truth model's symmetries for `symmetries: members`."""
+        """(group size G, g(index, fields)) of the truth model's symmetries for `symmetries: members`;
+        checks what needs no domain (the truth model declares symmetries, symmetry_mean divides G)."""
         if config.symmetries == "none":
             if config.symmetry_mean != 1:
                 raise ValueError("symmetry_mean needs symmetries: members")
@@ -153,11 +159,8 @@ class DiffusionEmulator:
         kind = ckpt.training.get("truth_model")
         truth = model_registry.get(kind) if isinstance(kind, str) else None
         if truth is None or not hasattr(truth, "symmetry"):
-            raise ValueError(f"{ckpt.path}: symmetries: members needs the symmetries of the model the checkpoint "
-                             f"learned; it was trained on {kind or 'archive data'}, which declares none")
-        if not whole:
-            raise ValueError("symmetries: members needs whole fields on every rank (the symmetries mirror and "
-                             "shift the grid): split the members across ranks, not the grid")
+            raise ValueError(f"{ckpt.path}: symmetries: members needs the symmetries of the model the "
+                             f"checkpoint learned; it was trained on {kind or 'archive data'}, which declares none")
         if truth.symmetry_count % config.symmetry_mean:
             raise ValueError(f"symmetry_mean {config.symmetry_mean} must divide the {kind} model's "
                              f"{truth.symmetry_count} symmetries")

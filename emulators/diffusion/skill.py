@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=18)
     p.add_argument("--churn", type=float, default=0.0)
     p.add_argument("--sigma-max", type=float, default=20.0)
-    p.add_argument("--symmetries", default="none", choices=SYMMETRIES, help="members: symmetry-conjugated members")
+    p.add_argument("--symmetries", default="none", choices=SYMMETRIES, help="members: conjugated members")
     p.add_argument("--symmetry-mean", type=int, default=1, help="conjugated samples averaged per member")
     p.add_argument("--rollout-days", type=float, default=0.0, help="free run length (0: none)")
     p.add_argument("--seed", type=int, default=9000, help="first truth seed (keep clear of training seeds)")
