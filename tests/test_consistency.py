@@ -245,7 +245,7 @@ def test_perturbed_pairs_keep_the_next_state(noise, seed):
     h = 3
     pairs = TruthPairs(data, stats, torch.zeros((0, 16 + 2 * h, 16 + 2 * h)), h, 4)
     index = torch.tensor([0, 3, 5, 7])
-    target, cond, _ = perturbed_batch(pairs, index, None, AugmentConfig(noise=noise), g)
+    target, cond, _ = perturbed_batch(pairs, index, (None, None), AugmentConfig(noise=noise), g)
     state = cond[:, :2, h:h + 16, h:h + 16] * pairs.std + pairs.mean
     nxt = state + target * pairs.inc_std + pairs.inc_mean
     expected = torch.stack([data[i // 4, i % 4 + 1] for i in index.tolist()])

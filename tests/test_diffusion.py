@@ -486,6 +486,58 @@ def test_interrupted_training_resumes_exactly(tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_symmetry_pairs_are_the_mapped_true_pairs():
+    """train.symmetries: a pair (rollout) mapped by element e is (g_e x_t, g_e x_{t+Δ}) standardised, the
+    identity changes nothing, and shifts still roll the mapped fields."""
+    from emulators.sqg import SQG
+    from twin.train import statistics
+    from twin.trainpairs import TruthPairs
+
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randn((2, 4, 2, 8, 8), generator=gen) * torch.tensor([3.0, 5.0]).view(1, 1, 2, 1, 1) + 1.0
+    stats = statistics(data)
+    static = torch.zeros((0, 10, 10))  # no static channels, on the window (grid + halo 1)
+    plain = TruthPairs(data, stats, static, 1, 4)
+    sym = TruthPairs(data, stats, static, 1, 4, (SQG.symmetry_count, SQG.symmetry))
+    assert (plain.symmetry_count, sym.symmetry_count) == (0, 8)
+    index, elements, shifts = torch.tensor([0, 4, 5]), torch.tensor([0, 3, 6]), torch.tensor([0, 2, 5])
+    target, cond, _ = sym.batch(index, shifts, elements)
+    for b, (i, e, k) in enumerate(zip(index.tolist(), elements.tolist(), shifts.tolist())):
+        x0, x1 = (SQG.symmetry(e, data[i // 3, i % 3 + j]).roll(k, -1) for j in (0, 1))
+        torch.testing.assert_close(target[b], ((x1 - x0 - plain.inc_mean) / plain.inc_std)[0])
+        torch.testing.assert_close(cond[b], plain.condition(((x0 - plain.mean) / plain.std))[0])
+    same = sym.batch(index, None, torch.zeros(3, dtype=torch.long))
+    torch.testing.assert_close(same[0], plain.batch(index)[0])
+    assert not torch.allclose(sym.batch(index, None, torch.ones(3, dtype=torch.long))[0], same[0])
+    start, truth, _ = sym.rollout(torch.tensor([1, 2]), 2, None, torch.tensor([5, 7]))
+    ref_start, ref_truth, _ = plain.rollout(torch.tensor([1, 2]), 2)
+    for b, e in enumerate((5, 7)):
+        torch.testing.assert_close(start[b], SQG.symmetry(e, ref_start[b]))
+        torch.testing.assert_close(truth[:, b], SQG.symmetry(e, ref_truth[:, b]))
+
+
+def test_symmetry_augmented_training_is_reproducible_and_changes_the_weights(tmp_path, monkeypatch):
+    import twin.train as train
+    from emulators.sqg import SQG
+    from twin.config import ConfigError
+
+    path = train_case(tmp_path)
+    quick = ("train.iterations=3", "augment.iterations=1", "augment.batch_size=2")
+    sym = quick + ("train.symmetries=true",)
+    a, b = (train.train_from_case(path, sym, out=tmp_path / d, quiet=True) for d in "ab")
+    off = train.train_from_case(path, quick, out=tmp_path / "off", quiet=True)
+    ka, kb, koff = (load_checkpoint(c) for c in (a, b, off))
+    assert all(torch.equal(ka.state_dict[k], kb.state_dict[k]) for k in ka.state_dict)
+    assert not all(torch.equal(ka.state_dict[k], koff.state_dict[k]) for k in ka.state_dict)
+    assert ka.training["symmetries"] is True and "symmetries" not in koff.training
+    with pytest.raises(ConfigError, match="different training set-up"):  # the digest tells them apart
+        train.train_from_case(path, sym, out=tmp_path / "off", quiet=True)
+    monkeypatch.delattr(SQG, "symmetry")
+    with pytest.raises(ConfigError) as e:
+        train.load_train_case(path, ("train.symmetries=true",))
+    assert e.value.key == "train.symmetries" and "'sqg'" in str(e.value)
+
+
 @pytest.mark.parametrize("precision, native, warns", [("bfloat16", False, True), ("bfloat16", True, False),
                                                      ("float32", False, False)])
 def test_emulated_bfloat16_training_warns(tmp_path, monkeypatch, caplog, precision, native, warns):

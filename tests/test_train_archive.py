@@ -88,6 +88,8 @@ def test_bad_archive_cases_exit_2_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     assert main(["train", str(case), "--set", "data.runs=3", "--quiet"]) == 2
     assert "data.runs" in capsys.readouterr().err
+    assert main(["train", str(case), "--set", "train.symmetries=true", "--quiet"]) == 2
+    assert "train.symmetries" in capsys.readouterr().err
 
 
 def test_archive_pairs_mask_points_and_unroll_only_consecutive_times(tmp_path):

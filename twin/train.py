@@ -5,8 +5,9 @@ Data: `data.runs` truth runs of the case's `truth` model from different seeds, s
 then sampled every emulator step Δ = `data.step` (`data.samples` snapshots per run); pairs
 (x_t, x_{t+Δ}) are standardised per variable (state and increment statistics from the training runs);
 the last `data.validation_runs` runs are held out. Training: Adam with linear warm-up and cosine decay,
-an EMA of the weights (what the checkpoint ships), random periodic shifts along x as augmentation,
-the EDM loss. Everything random comes from seeded `torch.Generator`s (never the global RNG), so a run is
+an EMA of the weights (what the checkpoint ships), random periodic shifts along x and (with
+`train.symmetries`) random elements of the truth model's exact symmetry group as augmentation, the EDM
+loss. Everything random comes from seeded `torch.Generator`s (never the global RNG), so a run is
 reproducible and a resumed run continues exactly where the interrupted one stopped. The output folder
 holds `train_state.pt` (resume point, written every `train.checkpoint_every` iterations), `data.pt`
 (cached truth data), and at the end `checkpoint.pt` (the emulator's), `config.yaml`, `loss.png`.
@@ -67,6 +68,9 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"gt": 0, "help": "gradient-norm clip"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, batches, σ and noise"})
     shift_x: bool = field(default=True, metadata={"help": "random periodic shifts along x (augmentation)"})
+    symmetries: bool = field(default=False, metadata={
+        "help": "map each pair by a random element of the truth model's exact symmetry group (augmentation; "
+                "SQG: 8 mirrors and lid swaps, SQG.symmetry)"})
     checkpoint_every: int = field(default=250, metadata={"min": 1, "help": "iterations between resume points"})
     validation_pairs: int = field(default=64, metadata={"min": 1, "help": "held-out pairs in the validation loss"})
     threads: int = field(default=1, metadata={"min": 1, "help": "torch threads (1 where cores are shared)"})
@@ -177,6 +181,11 @@ def load_train_case(path: str | Path, overrides: tuple[str, ...] = ()) -> tuple[
     if bad:
         raise ConfigError(file, "network.static",
                           f"unknown static channels {bad} (known: {', '.join(STATIC_CHANNELS)})")
+    if case.train.symmetries:
+        if case.archive is not None:
+            raise ConfigError(file, "train.symmetries", "an archive declares no exact symmetries")
+        if not hasattr(model_registry[case.truth[0]], "symmetry"):
+            raise ConfigError(file, "train.symmetries", f"the {case.truth[0]!r} model declares no exact symmetries")
     if case.crps.iterations and not case.distill.iterations:
         raise ConfigError(file, "crps.iterations", "CRPS fine-tuning needs the distilled sampler (distill.iterations > 0)")
     try:
@@ -344,11 +353,12 @@ def _truth_source(case: TrainCase, folder: Path, quiet: bool) -> _Source:
     nval = case.data.validation_runs
     stats = statistics(data[:-nval])
     variables = tuple((v.name, v.units, v.long_name) for v in cls.variables)
+    symmetry = (cls.symmetry_count, cls.symmetry) if case.train.symmetries else None
     return _Source(data_key, stats, variables, tuple(grid.shape), tuple(grid.periodic),
                    duration_seconds(case.data.step, "", ""),
-                   lambda static, h, a: (TruthPairs(data[:-nval], stats, static, h, a),
+                   lambda static, h, a: (TruthPairs(data[:-nval], stats, static, h, a, symmetry),
                                          TruthPairs(data[-nval:], stats, static, h, a)),
-                   {"truth_model": kind})
+                   {"truth_model": kind, **({"symmetries": True} if symmetry else {})})
 
 
 def _archive_source(case: TrainCase, archive: Archive, folder: Path) -> _Source:

@@ -2,8 +2,9 @@
 rollouts, from in-memory truth runs (`TruthPairs`) or read lazily from a CF archive (`ArchivePairs`).
 
 Both expose the same interface to the training stages: `count`, `batch`, `rollout_count`, `rollout`,
-`condition`, the statistics `mean`/`std`/`inc_mean`/`inc_std` (1, V, 1, 1), the padding `pad`, `net`
-and `periodic_x` (whether random shifts along x are a valid augmentation). `batch` and `rollout` also
+`condition`, the statistics `mean`/`std`/`inc_mean`/`inc_std` (1, V, 1, 1), the padding `pad`, `net`,
+`periodic_x` (whether random shifts along x are a valid augmentation) and `symmetry_count` (the size of
+the truth model's exact symmetry group that `batch` and `rollout` may apply per pair; 0: none). `batch` and `rollout` also
 return a validity mask (None for truth runs): an archive's masked (NaN) points are 0 after
 standardising, and `net` zeroes a network's output there, so they add nothing to a loss. The network
 sees the window the emulator gives it: the grid grown to its alignment, plus the halo.
@@ -55,10 +56,14 @@ def roll_x(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     return torch.stack([c.roll(int(s), -1) for c, s in zip(x, shifts)])
 
 
+Symmetry = Callable[[int, torch.Tensor], torch.Tensor]  # g(element, fields (..., V, y, x)), physical units
+
+
 class _Standardised:
     """Statistics, static channels and halo padding shared by both kinds of pairs."""
 
     periodic_x = True
+    symmetry_count = 0
 
     def __init__(self, stats: dict, static: torch.Tensor, halo: int, shape: tuple[int, int], alignment: int,
                  periodic: tuple[bool, bool]) -> None:
@@ -93,20 +98,34 @@ class _Standardised:
 
 
 class TruthPairs(_Standardised):
-    """Pairs and rollouts of in-memory truth runs (runs, samples, variables, y, x), doubly periodic."""
+    """Pairs and rollouts of in-memory truth runs (runs, samples, variables, y, x), doubly periodic.
+    With `symmetry` (count, g), a pair may be mapped by an element of the truth model's exact symmetry
+    group: g maps trajectories onto trajectories, so (g x_t, g x_{t+Δ}) is a true pair too."""
 
-    def __init__(self, data: torch.Tensor, stats: dict, static: torch.Tensor, halo: int, alignment: int) -> None:
+    def __init__(self, data: torch.Tensor, stats: dict, static: torch.Tensor, halo: int, alignment: int,
+                 symmetry: tuple[int, Symmetry] | None = None) -> None:
         super().__init__(stats, static, halo, tuple(data.shape[-2:]), alignment, (True, True))
         self.data = data
         self.state = (data[:, :-1] - self.mean) / self.std
         self.inc = (data[:, 1:] - data[:, :-1] - self.inc_mean) / self.inc_std
         self.count = self.state.shape[0] * self.state.shape[1]
+        self.symmetry_count, self._g = symmetry or (0, None)
 
-    def batch(self, index: torch.Tensor, shifts: torch.Tensor | None = None
+    def _map(self, x: torch.Tensor, elements: torch.Tensor) -> torch.Tensor:
+        """Sample b of x (..., B, V, y, x) mapped by symmetry element elements[b] (physical units)."""
+        return torch.stack([self._g(int(e), x[..., b, :, :, :]) for b, e in enumerate(elements)], dim=-4)
+
+    def batch(self, index: torch.Tensor, shifts: torch.Tensor | None = None, elements: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, None]:
-        """(target increment, condition, mask) of pairs `index`, each rolled by `shifts` along x."""
+        """(target increment, condition, mask) of pairs `index`, each mapped by its symmetry `elements`
+        and rolled by `shifts` along x."""
         per = self.state.shape[1]
-        cond, target = self.state[index // per, index % per], self.inc[index // per, index % per]
+        run, first = index // per, index % per
+        if elements is None:
+            cond, target = self.state[run, first], self.inc[run, first]
+        else:
+            x0, x1 = self._map(torch.stack([self.data[run, first], self.data[run, first + 1]]), elements)
+            cond, target = (x0 - self.mean) / self.std, (x1 - x0 - self.inc_mean) / self.inc_std
         if shifts is not None:
             cond, target = roll_x(cond, shifts), roll_x(target, shifts)
         return target, self.condition(cond), None
@@ -114,12 +133,15 @@ class TruthPairs(_Standardised):
     def rollout_count(self, steps: int) -> int:
         return self.data.shape[0] * (self.data.shape[1] - steps)
 
-    def rollout(self, index: torch.Tensor, steps: int, shifts: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, None]:
-        """True states (B, C, y, x) at the starts and (steps, B, C, y, x) after 1..steps emulator steps."""
+    def rollout(self, index: torch.Tensor, steps: int, shifts: torch.Tensor | None = None,
+                elements: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """True states (B, C, y, x) at the starts and (steps, B, C, y, x) after 1..steps emulator steps,
+        each rollout mapped by its symmetry `elements` and rolled by `shifts` along x."""
         per = self.data.shape[1] - steps
         run, first = index // per, index % per
         seq = torch.stack([self.data[run, first + k] for k in range(steps + 1)])
+        if elements is not None:
+            seq = self._map(seq, elements)
         if shifts is not None:
             seq = torch.stack([roll_x(s, shifts) for s in seq])
         return seq[0], seq[1:], None
@@ -136,9 +158,10 @@ class ArchivePairs(_Standardised):
         self.count = archive.pair_count(split)
         self._chains: dict[int, np.ndarray] = {}
 
-    def batch(self, index: torch.Tensor, shifts: torch.Tensor | None = None
+    def batch(self, index: torch.Tensor, shifts: torch.Tensor | None = None, elements: None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(target increment, condition, mask) of pairs `index`, each rolled by `shifts` along x."""
+        """(target increment, condition, mask) of pairs `index`, each rolled by `shifts` along x (an
+        archive declares no symmetries: `elements` is always None)."""
         x_t, x_next = self.archive.pairs(index, self.split)
         state = (x_t - self.mean) / self.std
         inc = (x_next - x_t - self.inc_mean) / self.inc_std
@@ -165,7 +188,7 @@ class ArchivePairs(_Standardised):
     def rollout_count(self, steps: int) -> int:
         return len(self._chain(steps))
 
-    def rollout(self, index: torch.Tensor, steps: int, shifts: torch.Tensor | None = None
+    def rollout(self, index: torch.Tensor, steps: int, shifts: torch.Tensor | None = None, elements: None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """True states (B, C, y, x) at the starts, (steps, B, C, y, x) after 1..steps emulator steps and
         the mask (B, C, y, x) of points valid throughout; masked points hold the state mean throughout."""

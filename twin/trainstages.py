@@ -147,6 +147,24 @@ def _shifting(case: TrainCase, pairs: Pairs) -> bool:
     return case.train.shift_x and pairs.periodic_x and not any(s.endswith("_x") for s in case.network.static)
 
 
+def _augmentation(case: TrainCase, pairs: Pairs, width: int
+                  ) -> Callable[[int, torch.Generator], tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """draw(b, gen) -> per-pair (x shifts, symmetry elements) of a batch, None where off; the elements are
+    drawn after the shifts and only with train.symmetries, so set-ups without them keep their streams."""
+    shift = _shifting(case, pairs)
+    count = pairs.symmetry_count if case.train.symmetries else 0
+
+    def draw(b: int, gen: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        shifts = torch.randint(width, (b,), generator=gen) if shift else None
+        return shifts, (torch.randint(count, (b,), generator=gen) if count else None)
+    return draw
+
+
+def _symmetries(case: TrainCase) -> dict:
+    """train.symmetries in every stage's digest when on (absent when off: earlier state files resume)."""
+    return {"symmetries": True} if case.train.symmetries else {}
+
+
 def teacher_stage(case: TrainCase, folder: Path, data_key: str, net: nn.Module, model: Precond, ema: Precond,
                    train_pairs: Pairs, val_pairs: Pairs, width: int, resume: bool, file: str,
                    quiet: bool) -> tuple[list[dict], float, str]:
@@ -157,13 +175,12 @@ def teacher_stage(case: TrainCase, folder: Path, data_key: str, net: nn.Module, 
                       "edm": dataclasses.asdict(case.edm),
                       "train": {k: v for k, v in dataclasses.asdict(t).items()
                                 if k not in ("iterations", "checkpoint_every", "threads", "validation_pairs",
-                                             "precision")}, **_precision(case)})
-    shift = _shifting(case, train_pairs)
+                                             "precision", "symmetries")}, **_precision(case), **_symmetries(case)})
+    draw = _augmentation(case, train_pairs, width)
 
     def loss(it: int) -> torch.Tensor:
         index = torch.randint(train_pairs.count, (t.batch_size,), generator=gen)
-        shifts = torch.randint(width, (t.batch_size,), generator=gen) if shift else None
-        target, cond, mask = train_pairs.batch(index, shifts)
+        target, cond, mask = train_pairs.batch(index, *draw(t.batch_size, gen))
         return edm_loss(train_pairs.net(model, mask), target, cond, train_pairs.pad, case.edm, gen)
 
     stage = _Stage(f"train {case.name}", folder / "train_state.pt", digest, t.iterations, t.checkpoint_every,
@@ -188,11 +205,13 @@ def perturbation(shape: tuple[int, ...], config: AugmentConfig, gen: torch.Gener
     return scale * ((white + smooth) / math.sqrt(2) + offset)
 
 
-def perturbed_batch(p: Pairs, index: torch.Tensor, shifts: torch.Tensor | None, config: AugmentConfig,
-                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """`p.batch` with the condition's state x_t perturbed to x_t + ε and the target increment
-    x_{t+Δ} − x_t changed to x_{t+Δ} − (x_t + ε), all standardised (ε masked like the state)."""
-    target, cond, mask = p.batch(index, shifts)
+def perturbed_batch(p: Pairs, index: torch.Tensor, transform: tuple[torch.Tensor | None, torch.Tensor | None],
+                    config: AugmentConfig, gen: torch.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`p.batch` (pairs `index`, (shifts, symmetry elements) `transform`) with the condition's state x_t
+    perturbed to x_t + ε and the target increment x_{t+Δ} − x_t changed to x_{t+Δ} − (x_t + ε), all
+    standardised (ε masked like the state)."""
+    target, cond, mask = p.batch(index, *transform)
     if not config.noise:
         return target, cond, mask
     eps = perturbation(target.shape, config, gen)
@@ -212,16 +231,16 @@ def augment_stage(case: TrainCase, folder: Path, teacher: Precond, teacher_key: 
     Returns the EMA denoiser, history (validation: the clean EDM loss), wall time and digest."""
     a = case.augment
     gen = torch.Generator().manual_seed(case.train.seed + 4)
-    digest = config_digest({"teacher": teacher_key, "augment": _settings(a), "iterations": a.iterations})
+    digest = config_digest({"teacher": teacher_key, "augment": _settings(a), "iterations": a.iterations,
+                            **_symmetries(case)})
     live = copy.deepcopy(teacher).requires_grad_(True)
     ema = copy.deepcopy(teacher).requires_grad_(False)
-    shift = _shifting(case, train_pairs)
+    draw = _augmentation(case, train_pairs, width)
     p = train_pairs
 
     def loss(it: int) -> torch.Tensor:
         index = torch.randint(p.count, (a.batch_size,), generator=gen)
-        shifts = torch.randint(width, (a.batch_size,), generator=gen) if shift else None
-        target, cond, mask = perturbed_batch(p, index, shifts, a, gen)
+        target, cond, mask = perturbed_batch(p, index, draw(a.batch_size, gen), a, gen)
         return edm_loss(p.net(live, mask), target, cond, p.pad, case.edm, gen)
 
     stage = _Stage("augment", folder / "augment_state.pt", digest, a.iterations, a.checkpoint_every,
@@ -238,17 +257,16 @@ def distill_stage(case: TrainCase, folder: Path, teacher: Precond, teacher_key: 
     """Consistency distillation of the teacher: the single-step sampler's network (EMA weights)."""
     d = case.distill
     gen = torch.Generator().manual_seed(case.train.seed + 2)
-    digest = config_digest({"teacher": teacher_key, "distill": _settings(d)})
+    digest = config_digest({"teacher": teacher_key, "distill": _settings(d), **_symmetries(case)})
     student = ConsistencyPrecond(copy.deepcopy(teacher.net).requires_grad_(True), teacher.sigma_data, d.sigma_min)
     ema = copy.deepcopy(student).requires_grad_(False)
     sigmas = ascending_sigmas(d.steps, d.sigma_min, d.sigma_max, d.rho)
-    shift = _shifting(case, train_pairs)
+    draw = _augmentation(case, train_pairs, width)
     perturb = dataclasses.replace(case.augment, noise=d.perturb)
 
     def loss(it: int) -> torch.Tensor:
         index = torch.randint(train_pairs.count, (d.batch_size,), generator=gen)
-        shifts = torch.randint(width, (d.batch_size,), generator=gen) if shift else None
-        target, cond, mask = perturbed_batch(train_pairs, index, shifts, perturb, gen)
+        target, cond, mask = perturbed_batch(train_pairs, index, draw(d.batch_size, gen), perturb, gen)
         return distillation_loss(train_pairs.net(student, mask), train_pairs.net(teacher, mask), target, cond,
                                  train_pairs.pad, sigmas, gen)
 
@@ -277,10 +295,11 @@ def crps_stage(case: TrainCase, folder: Path, distilled: ConsistencyPrecond, dis
     c = case.crps
     sigma_max = case.distill.sigma_max
     gen = torch.Generator().manual_seed(case.train.seed + 3)
-    digest = config_digest({"distill": distill_key, "crps": _settings(c), "iterations": c.iterations})
+    digest = config_digest({"distill": distill_key, "crps": _settings(c), "iterations": c.iterations,
+                            **_symmetries(case)})
     live = copy.deepcopy(distilled).requires_grad_(True)
     ema = copy.deepcopy(distilled).requires_grad_(False)
-    shift = _shifting(case, train_pairs)
+    draw = _augmentation(case, train_pairs, width)
     p = train_pairs
     perturb = dataclasses.replace(case.augment, noise=c.perturb)
 
@@ -302,8 +321,7 @@ def crps_stage(case: TrainCase, folder: Path, distilled: ConsistencyPrecond, dis
         steps = c.unroll[phase]
         b = max(1, c.rollout_pairs // steps)
         index = torch.randint(p.rollout_count(steps), (b,), generator=gen)
-        shifts = torch.randint(width, (b,), generator=gen) if shift else None
-        start, truth, mask = p.rollout(index, steps, shifts)
+        start, truth, mask = p.rollout(index, steps, *draw(b, gen))
         if c.perturb:  # off-attractor starts, scored against the truth: keeps the augment stage's pull-back
             eps = p.std * perturbation(start.shape, perturb, gen)
             start = start + (eps if mask is None else eps * mask)
