@@ -538,6 +538,61 @@ def test_symmetry_augmented_training_is_reproducible_and_changes_the_weights(tmp
     assert e.value.key == "train.symmetries" and "'sqg'" in str(e.value)
 
 
+SINGLE_STEP = ("distill.iterations=2", "distill.batch_size=2", "distill.steps=4", "distill.checkpoint_every=2",
+               "crps.iterations=2", "crps.unroll=[1, 2]", "crps.rollout_pairs=2", "crps.validation_states=2",
+               "crps.checkpoint_every=2", "crps.smoothing_order=2")
+FROM_BASE = ("train.iterations=0", "distill.iterations=0", "crps.iterations=0")
+
+
+def test_fine_tuning_from_a_checkpoint_keeps_what_it_does_not_train(tmp_path):
+    """init: the stages with iterations start from the checkpoint's networks and its statistics (other data:
+    seed 9), the others keep its results; rerunning resumes to the same weights."""
+    import twin.train as train
+
+    path = train_case(tmp_path)
+    base = load_checkpoint(train.train_from_case(path, SINGLE_STEP, out=tmp_path / "base", quiet=True))
+    other = ("data.seed=9", f"init={tmp_path / 'base' / 'checkpoint.pt'}")
+    crps = load_checkpoint(train.train_from_case(path, other + SINGLE_STEP + ("train.iterations=0",
+                                                 "distill.iterations=0"), out=tmp_path / "crps", quiet=True))
+    assert crps.stats == base.stats and crps.smoothing_order == 2
+    assert all(torch.equal(crps.state_dict[k], base.state_dict[k]) for k in base.state_dict)
+    a, b = crps.single_step["state_dict"], base.single_step["state_dict"]
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    assert crps.single_step["sigma_max"] == base.single_step["sigma_max"]
+    assert crps.training["init"]["training"] == base.training and len(crps.training["init"]["sha256"]) == 16
+    assert crps.single_step["training"]["init"] == base.single_step["training"]
+    again = load_checkpoint(train.train_from_case(path, other + SINGLE_STEP + ("train.iterations=0",
+                                                  "distill.iterations=0"), out=tmp_path / "crps", quiet=True))
+    assert all(torch.equal(again.single_step["state_dict"][k], a[k]) for k in a)
+    teacher = load_checkpoint(train.train_from_case(path, other + ("train.iterations=2",), out=tmp_path / "t",
+                                                    quiet=True))
+    assert not all(torch.equal(teacher.state_dict[k], base.state_dict[k]) for k in base.state_dict)
+    kept, was = teacher.single_step, base.single_step
+    assert all(torch.equal(kept["state_dict"][k], was["state_dict"][k]) for k in was["state_dict"])
+    assert kept["training"] == was["training"] and teacher.smoothing_order == base.smoothing_order
+    assert torch.isfinite(make_emulator(tmp_path / "crps" / "checkpoint.pt", sampler="single_step")
+                          .step(torch.randn(2, 2, 32, 32, dtype=torch.float64), 0.0)).all()
+
+
+def test_fine_tuning_errors_name_the_key(tmp_path):
+    import twin.train as train
+    from twin.config import ConfigError
+
+    path = train_case(tmp_path)
+    train.train_from_case(path, ("train.iterations=1",), out=tmp_path / "base", quiet=True)
+    init = f"init={tmp_path / 'base' / 'checkpoint.pt'}"
+    for overrides, key, said in [(("train.iterations=0",), "train.iterations", "init"),
+                                 ((init,) + FROM_BASE, "init", "nothing to fine-tune"),
+                                 ((f"init={tmp_path / 'none.pt'}",), "init", "none.pt"),
+                                 ((init, "network.embed=32"), "network", "init checkpoint"),
+                                 ((init, "data.step=2h"), "init", "step"),
+                                 ((init,) + SINGLE_STEP + ("distill.iterations=0",), "crps.iterations",
+                                  "no single-step")]:
+        with pytest.raises(ConfigError) as e:
+            train.train_from_case(path, overrides, out=tmp_path / "o", quiet=True)
+        assert e.value.key == key and said in str(e.value), (overrides, str(e.value))
+
+
 @pytest.mark.parametrize("precision, native, warns", [("bfloat16", False, True), ("bfloat16", True, False),
                                                      ("float32", False, False)])
 def test_emulated_bfloat16_training_warns(tmp_path, monkeypatch, caplog, precision, native, warns):

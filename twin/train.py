@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -29,7 +30,9 @@ from typing import Any, Callable, Literal
 import torch
 import yaml
 
-from emulators.diffusion.checkpoint import STATIC_CHANNELS, save_checkpoint
+from emulators.diffusion.checkpoint import (STATIC_CHANNELS, Checkpoint, CheckpointMismatch, load_checkpoint,
+                                            save_checkpoint)
+from emulators.diffusion.consistency import ConsistencyPrecond
 from emulators.diffusion.edm import EDMConfig, Precond
 from emulators.diffusion.emulator import static_fields
 from emulators.diffusion.network import NetworkConfig, UNetLite, parameter_count
@@ -59,7 +62,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    iterations: int = field(default=3500, metadata={"min": 1, "help": "optimiser steps"})
+    iterations: int = field(default=3500, metadata={"min": 0, "help": "optimiser steps (0: only with init)"})
     batch_size: int = field(default=16, metadata={"min": 1, "help": "pairs per step"})
     lr: float = field(default=3e-4, metadata={"gt": 0, "help": "peak learning rate (Adam)"})
     warmup: int = field(default=200, metadata={"min": 0, "help": "linear warm-up iterations"})
@@ -154,6 +157,10 @@ class TrainCase:
     distill: DistillConfig = DistillConfig()
     crps: CRPSConfig = CRPSConfig()
     out: str = ""
+    init: str = field(default="", metadata={
+        "help": "checkpoint to fine-tune (a path, or a file in emulators/weights): the teacher and single-step "
+                "networks start from its weights, the data are standardised with its statistics, and a stage "
+                "with 0 iterations keeps the checkpoint's result"})
     archive: ArchiveConfig | None = None  # set from `data:` when it names files (then truth is None)
 
 
@@ -186,7 +193,12 @@ def load_train_case(path: str | Path, overrides: tuple[str, ...] = ()) -> tuple[
             raise ConfigError(file, "train.symmetries", "an archive declares no exact symmetries")
         if not hasattr(model_registry[case.truth[0]], "symmetry"):
             raise ConfigError(file, "train.symmetries", f"the {case.truth[0]!r} model declares no exact symmetries")
-    if case.crps.iterations and not case.distill.iterations:
+    if not case.train.iterations and not case.init:
+        raise ConfigError(file, "train.iterations", "must be at least 1 (0 only when fine-tuning a checkpoint, init)")
+    if case.init and not any((case.train.iterations, case.augment.iterations, case.distill.iterations,
+                              case.crps.iterations)):
+        raise ConfigError(file, "init", "nothing to fine-tune: every stage has 0 iterations")
+    if case.crps.iterations and not case.distill.iterations and not case.init:
         raise ConfigError(file, "crps.iterations", "CRPS fine-tuning needs the distilled sampler (distill.iterations > 0)")
     try:
         shapiro_halo(case.crps.smoothing_order)
@@ -332,7 +344,8 @@ class _Source:
     grid_shape: tuple[int, int]
     periodic: tuple[bool, bool]  # the checkpoint's (y, x) periodicity
     dt_seconds: float
-    pairs: Callable[[torch.Tensor, int, int], tuple[Pairs, Pairs]]  # (static, halo, alignment) -> training, validation
+    pairs: Callable[[dict, torch.Tensor, int, int], tuple[Pairs, Pairs]]  # (stats, static, halo, alignment) ->
+    # training, validation
     training: dict  # what the checkpoint's training metadata records of the data
 
 
@@ -356,8 +369,8 @@ def _truth_source(case: TrainCase, folder: Path, quiet: bool) -> _Source:
     symmetry = (cls.symmetry_count, cls.symmetry) if case.train.symmetries else None
     return _Source(data_key, stats, variables, tuple(grid.shape), tuple(grid.periodic),
                    duration_seconds(case.data.step, "", ""),
-                   lambda static, h, a: (TruthPairs(data[:-nval], stats, static, h, a, symmetry),
-                                         TruthPairs(data[-nval:], stats, static, h, a)),
+                   lambda st, static, h, a: (TruthPairs(data[:-nval], st, static, h, a, symmetry),
+                                             TruthPairs(data[-nval:], st, static, h, a)),
                    {"truth_model": kind, **({"symmetries": True} if symmetry else {})})
 
 
@@ -378,7 +391,7 @@ def _archive_source(case: TrainCase, archive: Archive, folder: Path) -> _Source:
         atomic_save({"digest": key, "stats": stats}, cache)
     periodic = (False, lon_periodic(archive.lon))
     return _Source(key, stats, archive.variables, archive.grid_shape, periodic, archive.step_seconds,
-                   lambda static, h, a: tuple(ArchivePairs(archive, s, stats, static, h, a, periodic) for s in SPLITS),
+                   lambda st, static, h, a: tuple(ArchivePairs(archive, s, st, static, h, a, periodic) for s in SPLITS),
                    {"archive": meta})
 
 
@@ -414,13 +427,47 @@ def train_from_case(path: str | Path, overrides: tuple[str, ...] | list[str] = (
         return _train(case, raw, file, folder, _archive_source(case, archive, folder), resume, quiet)
 
 
+def _init_checkpoint(case: TrainCase, source: _Source, net_cfg: NetworkConfig, file: str
+                     ) -> tuple[Checkpoint, str] | None:
+    """The checkpoint `init` names and the digest of its file, checked against the case (network, EDM σ_d)
+    and the data (variables, grid, step); None without init."""
+    if not case.init:
+        return None
+    try:
+        ck = load_checkpoint(case.init)
+    except CheckpointMismatch as e:
+        raise ConfigError(file, "init", str(e)) from None
+    if ck.network_config.to_dict() != net_cfg.to_dict() or tuple(ck.static) != tuple(case.network.static):
+        raise ConfigError(file, "network", f"differs from the init checkpoint's ({ck.path}: "
+                          f"{ck.network_config.to_dict()}, static {list(ck.static)})")
+    if ck.sigma_data != case.edm.sigma_data:
+        raise ConfigError(file, "edm.sigma_data", f"{case.edm.sigma_data} differs from the init checkpoint's "
+                          f"{ck.sigma_data}")
+    for what, mine, theirs in (("variables", [v[0] for v in source.variables], [v[0] for v in ck.variables]),
+                               ("grid", list(source.grid_shape), list(ck.grid_shape)),
+                               ("step (s)", source.dt_seconds, ck.dt_seconds)):
+        if mine != theirs:
+            raise ConfigError(file, "init", f"{ck.path} was trained on another {what} ({theirs}; the data: {mine})")
+    if not case.distill.iterations and case.crps.iterations and ck.single_step is None:
+        raise ConfigError(file, "crps.iterations", f"{ck.path} has no single-step sampler to fine-tune "
+                          "(distill.iterations > 0 distils one)")
+    digest = hashlib.sha256(Path(ck.path).read_bytes()).hexdigest()[:16]
+    return ck, digest
+
+
 def _train(case: TrainCase, raw: dict, file: str, folder: Path, source: _Source, resume: bool, quiet: bool) -> Path:
-    """The stages on `source`'s pairs, then the checkpoint, `config.yaml` and `loss.png` in `folder`."""
+    """The stages on `source`'s pairs, then the checkpoint, `config.yaml` and `loss.png` in `folder`.
+    With `init`, the networks start from the checkpoint's and a stage with 0 iterations keeps its result."""
     t = case.train
     net_cfg = network_config(case, len(source.variables))
+    init = _init_checkpoint(case, source, net_cfg, file)
     with torch.random.fork_rng(devices=[]):  # deterministic initialisation, global RNG left untouched
         torch.manual_seed(t.seed)
         net = UNetLite(net_cfg)
+    stats, data_key = source.stats, source.key
+    if init:  # fine-tuning: the weights know the checkpoint's standardisation
+        net.load_state_dict(init[0].state_dict)
+        stats, data_key = init[0].stats, config_digest({"data": source.key, "init": init[1]})
     a = net.alignment
     ny, nx = source.grid_shape
     gy, gx = (-(-n // a) * a for n in (ny, nx))
@@ -429,7 +476,7 @@ def _train(case: TrainCase, raw: dict, file: str, folder: Path, source: _Source,
     h = net.input_halo
     # on the network's window, as the emulator's: the grid grown to multiples of the alignment, plus the halo
     static = static_fields(case.network.static, (ny, nx), (-h, gy + h), (-h, gx + h))
-    train_pairs, val_pairs = source.pairs(static, h, a)
+    train_pairs, val_pairs = source.pairs(stats, static, h, a)
     if case.crps.iterations:
         for pairs, steps, name in ((train_pairs, max(case.crps.unroll), "training"), (val_pairs, 2, "validation")):
             if not pairs.rollout_count(steps):
@@ -438,40 +485,59 @@ def _train(case: TrainCase, raw: dict, file: str, folder: Path, source: _Source,
     ema = copy.deepcopy(model).requires_grad_(False)
     histories: dict[str, list[dict]] = {}
     walls: dict[str, float] = {}
-    histories["teacher"], walls["teacher"], key = teacher_stage(case, folder, source.key, net, model, ema,
-                                                                 train_pairs, val_pairs, nx, resume, file, quiet)
-    if not histories["teacher"]:
-        raise ConfigError(file, "train.iterations", "nothing to do")
+    key = data_key
+    if t.iterations:
+        histories["teacher"], walls["teacher"], key = teacher_stage(case, folder, data_key, net, model, ema,
+                                                                     train_pairs, val_pairs, nx, resume, file, quiet)
+        if not histories["teacher"]:
+            raise ConfigError(file, "train.iterations", "nothing to do")
     if case.augment.iterations:
         ema, histories["augment"], walls["augment"], key = augment_stage(
             case, folder, ema, key, train_pairs, val_pairs, nx, resume, file, quiet)
-    single = None
+    single, sigmas = None, (case.distill.sigma_min, case.distill.sigma_max)
     if case.distill.iterations:
         single, histories["distill"], walls["distill"], key = distill_stage(
             case, folder, ema, key, train_pairs, val_pairs, nx, resume, file, quiet)
-        if case.crps.iterations:
-            single, histories["crps"], walls["crps"] = crps_stage(case, folder, single, key, train_pairs, val_pairs,
-                                                                   nx, resume, file, quiet)
-    final = (histories.get("augment") or histories["teacher"])[-1]  # the shipped denoiser's
+    elif init and case.crps.iterations:  # fine-tune the checkpoint's single-step network, at its noise levels
+        ck = init[0]
+        sigmas = (ck.single_step["sigma_min"], ck.single_step["sigma_max"])
+        single_net = ck.build_single_step_network()
+        single_net.wrap = net.wrap
+        single = ConsistencyPrecond(single_net, ck.sigma_data, sigmas[0])
+        case = dataclasses.replace(case, distill=dataclasses.replace(case.distill, sigma_min=sigmas[0],
+                                                                     sigma_max=sigmas[1]))
+    if single is not None and case.crps.iterations:
+        single, histories["crps"], walls["crps"] = crps_stage(case, folder, single, key, train_pairs, val_pairs,
+                                                               nx, resume, file, quiet)
+    denoiser_history = histories.get("augment") or histories.get("teacher")
+    final = denoiser_history[-1] if denoiser_history else {  # the shipped denoiser's
+        "loss": init[0].training.get("final_loss"), "validation": init[0].training.get("final_validation_loss")}
     training = {"case": case.name, "iterations": t.iterations, "augment_iterations": case.augment.iterations,
                 "final_loss": final["loss"],
                 "final_validation_loss": final["validation"], "wall_seconds": round(sum(walls.values()), 1),
                 "stage_wall_seconds": {k: round(v, 1) for k, v in walls.items()},
                 "parameters": parameter_count(net), **source.training, "seed": t.seed}
+    smoothing_order = case.crps.smoothing_order
     single_step = None
     if single is not None:
         last = histories.get("crps") or histories["distill"]
-        single_step = {"state_dict": single.net.state_dict(), "sigma_min": case.distill.sigma_min,
-                       "sigma_max": case.distill.sigma_max,
+        single_step = {"state_dict": single.net.state_dict(), "sigma_min": sigmas[0], "sigma_max": sigmas[1],
                        "training": {"distill_iterations": case.distill.iterations,
                                     "crps_iterations": case.crps.iterations, "final_validation": last[-1]["validation"]}}
+    if init:
+        ck = init[0]
+        training["init"] = {"checkpoint": Path(ck.path).name, "sha256": init[1], "training": ck.training}
+        if single is None and ck.single_step is not None:  # kept as it was
+            single_step = ck.single_step
+            smoothing_order = ck.smoothing_order
+        elif single_step is not None and not case.distill.iterations:
+            single_step["training"]["init"] = ck.single_step["training"]
     ckpt = save_checkpoint(folder / "checkpoint.pt", network_config=net_cfg, state_dict=ema.net.state_dict(),
                            sigma_data=case.edm.sigma_data, variables=source.variables, grid_shape=source.grid_shape,
                            periodic=source.periodic, static=case.network.static, dt_seconds=source.dt_seconds,
-                           stats=source.stats, training=training, single_step=single_step,
-                           smoothing_order=case.crps.smoothing_order)
+                           stats=stats, training=training, single_step=single_step, smoothing_order=smoothing_order)
     info = {"checkpoint": ckpt.name, "case": raw, "network": net_cfg.to_dict(), "receptive_halo": net.receptive_halo,
-            "alignment": net.alignment, "dt_seconds": source.dt_seconds, "stats": source.stats,
+            "alignment": net.alignment, "dt_seconds": source.dt_seconds, "stats": stats,
             "training": training, "history": histories}
     (folder / "config.yaml").write_text(yaml.safe_dump(info, sort_keys=False), encoding="utf-8")
     _plot_losses(histories, folder / "loss.png")
