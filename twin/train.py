@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from emulators.diffusion.checkpoint import (STATIC_CHANNELS, Checkpoint, CheckpointMismatch, load_checkpoint,
-                                            save_checkpoint)
+                                            resolve, save_checkpoint)
 from emulators.diffusion.consistency import ConsistencyPrecond
 from emulators.diffusion.edm import EDMConfig, Precond
 from emulators.diffusion.emulator import static_fields
@@ -195,6 +195,9 @@ def load_train_case(path: str | Path, overrides: tuple[str, ...] = ()) -> tuple[
             raise ConfigError(file, "train.symmetries", f"the {case.truth[0]!r} model declares no exact symmetries")
     if not case.train.iterations and not case.init:
         raise ConfigError(file, "train.iterations", "must be at least 1 (0 only when fine-tuning a checkpoint, init)")
+    if case.init and not resolve(case.init).is_file():  # before any truth data are generated
+        raise ConfigError(file, "init", f"{case.init}: no such checkpoint file (a path, or a file in "
+                          "emulators/weights)")
     if case.init and not any((case.train.iterations, case.augment.iterations, case.distill.iterations,
                               case.crps.iterations)):
         raise ConfigError(file, "init", "nothing to fine-tune: every stage has 0 iterations")
