@@ -347,8 +347,8 @@ class _Source:
     grid_shape: tuple[int, int]
     periodic: tuple[bool, bool]  # the checkpoint's (y, x) periodicity
     dt_seconds: float
-    pairs: Callable[[dict, torch.Tensor, int, int], tuple[Pairs, Pairs]]  # (stats, static, halo, alignment) ->
-    # training, validation
+    # (stats, static, halo, alignment) -> training, validation pairs
+    pairs: Callable[[dict, torch.Tensor, int, int], tuple[Pairs, Pairs]]
     training: dict  # what the checkpoint's training metadata records of the data
 
 
