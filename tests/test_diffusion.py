@@ -591,6 +591,7 @@ def test_fine_tuning_errors_name_the_key(tmp_path):
         with pytest.raises(ConfigError) as e:
             train.train_from_case(path, overrides, out=tmp_path / "o", quiet=True)
         assert e.value.key == key and said in str(e.value), (overrides, str(e.value))
+        assert not (tmp_path / "o").exists()  # refused before any data are generated
 
 
 @pytest.mark.parametrize("precision, native, warns", [("bfloat16", False, True), ("bfloat16", True, False),

@@ -419,23 +419,30 @@ def train_from_case(path: str | Path, overrides: tuple[str, ...] | list[str] = (
             "trains the same recipe (other last bits)", file)
     folder = Path(out or case.out or f"out/{case.name}")
     if case.archive is None:
+        kind, truth_cfg = case.truth
+        cls = model_registry[kind]
+        init = _init_checkpoint(case, file, tuple(v.name for v in cls.variables),
+                                tuple(cls.global_grid(truth_cfg).shape), duration_seconds(case.data.step, "", ""))
         folder.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(1)  # the truth model's small FFTs gain nothing from threads, and contend
         source = _truth_source(case, folder, quiet)
         torch.set_num_threads(case.train.threads)
-        return _train(case, raw, file, folder, source, resume, quiet)
+        return _train(case, raw, file, folder, source, init, resume, quiet)
     torch.set_num_threads(case.train.threads)
     with open_archive(case.archive, Path(file).parent, file) as archive:
+        init = _init_checkpoint(case, file, tuple(v[0] for v in archive.variables), tuple(archive.grid_shape),
+                                archive.step_seconds)
         folder.mkdir(parents=True, exist_ok=True)
-        return _train(case, raw, file, folder, _archive_source(case, archive, folder), resume, quiet)
+        return _train(case, raw, file, folder, _archive_source(case, archive, folder), init, resume, quiet)
 
 
-def _init_checkpoint(case: TrainCase, source: _Source, net_cfg: NetworkConfig, file: str
-                     ) -> tuple[Checkpoint, str] | None:
+def _init_checkpoint(case: TrainCase, file: str, variables: tuple[str, ...], grid_shape: tuple[int, ...],
+                     dt_seconds: float) -> tuple[Checkpoint, str] | None:
     """The checkpoint `init` names and the digest of its file, checked against the case (network, EDM σ_d)
-    and the data (variables, grid, step); None without init."""
+    and the data's variables, grid and step (before any data are generated); None without init."""
     if not case.init:
         return None
+    net_cfg = network_config(case, len(variables))
     try:
         ck = load_checkpoint(case.init)
     except CheckpointMismatch as e:
@@ -446,9 +453,8 @@ def _init_checkpoint(case: TrainCase, source: _Source, net_cfg: NetworkConfig, f
     if ck.sigma_data != case.edm.sigma_data:
         raise ConfigError(file, "edm.sigma_data", f"{case.edm.sigma_data} differs from the init checkpoint's "
                           f"{ck.sigma_data}")
-    for what, mine, theirs in (("variables", [v[0] for v in source.variables], [v[0] for v in ck.variables]),
-                               ("grid", list(source.grid_shape), list(ck.grid_shape)),
-                               ("step (s)", source.dt_seconds, ck.dt_seconds)):
+    for what, mine, theirs in (("variables", list(variables), [v[0] for v in ck.variables]),
+                               ("grid", list(grid_shape), list(ck.grid_shape)), ("step (s)", dt_seconds, ck.dt_seconds)):
         if mine != theirs:
             raise ConfigError(file, "init", f"{ck.path} was trained on another {what} ({theirs}; the data: {mine})")
     if not case.distill.iterations and case.crps.iterations and ck.single_step is None:
@@ -458,12 +464,12 @@ def _init_checkpoint(case: TrainCase, source: _Source, net_cfg: NetworkConfig, f
     return ck, digest
 
 
-def _train(case: TrainCase, raw: dict, file: str, folder: Path, source: _Source, resume: bool, quiet: bool) -> Path:
+def _train(case: TrainCase, raw: dict, file: str, folder: Path, source: _Source,
+           init: tuple[Checkpoint, str] | None, resume: bool, quiet: bool) -> Path:
     """The stages on `source`'s pairs, then the checkpoint, `config.yaml` and `loss.png` in `folder`.
     With `init`, the networks start from the checkpoint's and a stage with 0 iterations keeps its result."""
     t = case.train
     net_cfg = network_config(case, len(source.variables))
-    init = _init_checkpoint(case, source, net_cfg, file)
     with torch.random.fork_rng(devices=[]):  # deterministic initialisation, global RNG left untouched
         torch.manual_seed(t.seed)
         net = UNetLite(net_cfg)
