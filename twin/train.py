@@ -194,7 +194,8 @@ def load_train_case(path: str | Path, overrides: tuple[str, ...] = ()) -> tuple[
         if not hasattr(model_registry[case.truth[0]], "symmetry"):
             raise ConfigError(file, "train.symmetries", f"the {case.truth[0]!r} model declares no exact symmetries")
     if not case.train.iterations and not case.init:
-        raise ConfigError(file, "train.iterations", "must be at least 1 (0 only when fine-tuning a checkpoint, init)")
+        raise ConfigError(file, "train.iterations",
+                          "must be at least 1 (0 only when fine-tuning a checkpoint, init)")
     if case.init and not resolve(case.init).is_file():  # before any truth data are generated
         raise ConfigError(file, "init", f"{case.init}: no such checkpoint file (a path, or a file in "
                           "emulators/weights)")
@@ -394,7 +395,8 @@ def _archive_source(case: TrainCase, archive: Archive, folder: Path) -> _Source:
         atomic_save({"digest": key, "stats": stats}, cache)
     periodic = (False, lon_periodic(archive.lon))
     return _Source(key, stats, archive.variables, archive.grid_shape, periodic, archive.step_seconds,
-                   lambda st, static, h, a: tuple(ArchivePairs(archive, s, st, static, h, a, periodic) for s in SPLITS),
+                   lambda st, static, h, a: tuple(ArchivePairs(archive, s, st, static, h, a, periodic)
+                                                  for s in SPLITS),
                    {"archive": meta})
 
 
@@ -454,7 +456,8 @@ def _init_checkpoint(case: TrainCase, file: str, variables: tuple[str, ...], gri
         raise ConfigError(file, "edm.sigma_data", f"{case.edm.sigma_data} differs from the init checkpoint's "
                           f"{ck.sigma_data}")
     for what, mine, theirs in (("variables", list(variables), [v[0] for v in ck.variables]),
-                               ("grid", list(grid_shape), list(ck.grid_shape)), ("step (s)", dt_seconds, ck.dt_seconds)):
+                               ("grid", list(grid_shape), list(ck.grid_shape)),
+                               ("step (s)", dt_seconds, ck.dt_seconds)):
         if mine != theirs:
             raise ConfigError(file, "init", f"{ck.path} was trained on another {what} ({theirs}; the data: {mine})")
     if not case.distill.iterations and case.crps.iterations and ck.single_step is None:
@@ -513,11 +516,9 @@ def _train(case: TrainCase, raw: dict, file: str, folder: Path, source: _Source,
         single_net = ck.build_single_step_network()
         single_net.wrap = net.wrap
         single = ConsistencyPrecond(single_net, ck.sigma_data, sigmas[0])
-        case = dataclasses.replace(case, distill=dataclasses.replace(case.distill, sigma_min=sigmas[0],
-                                                                     sigma_max=sigmas[1]))
     if single is not None and case.crps.iterations:
-        single, histories["crps"], walls["crps"] = crps_stage(case, folder, single, key, train_pairs, val_pairs,
-                                                               nx, resume, file, quiet)
+        single, histories["crps"], walls["crps"] = crps_stage(case, folder, single, sigmas[1], key, train_pairs,
+                                                               val_pairs, nx, resume, file, quiet)
     denoiser_history = histories.get("augment") or histories.get("teacher")
     final = denoiser_history[-1] if denoiser_history else {  # the shipped denoiser's
         "loss": init[0].training.get("final_loss"), "validation": init[0].training.get("final_validation_loss")}

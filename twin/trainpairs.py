@@ -4,8 +4,8 @@ rollouts, from in-memory truth runs (`TruthPairs`) or read lazily from a CF arch
 Both expose the same interface to the training stages: `count`, `batch`, `rollout_count`, `rollout`,
 `condition`, the statistics `mean`/`std`/`inc_mean`/`inc_std` (1, V, 1, 1), the padding `pad`, `net`,
 `periodic_x` (whether random shifts along x are a valid augmentation) and `symmetry_count` (the size of
-the truth model's exact symmetry group that `batch` and `rollout` may apply per pair; 0: none). `batch` and `rollout` also
-return a validity mask (None for truth runs): an archive's masked (NaN) points are 0 after
+the truth model's exact symmetry group that `batch` and `rollout` may apply per pair; 0: none). `batch`
+and `rollout` also return a validity mask (None for truth runs): an archive's masked (NaN) points are 0 after
 standardising, and `net` zeroes a network's output there, so they add nothing to a loss. The network
 sees the window the emulator gives it: the grid grown to its alignment, plus the halo.
 """

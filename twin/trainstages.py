@@ -288,12 +288,12 @@ def distill_stage(case: TrainCase, folder: Path, teacher: Precond, teacher_key: 
     return ema, history, wall, digest
 
 
-def crps_stage(case: TrainCase, folder: Path, distilled: ConsistencyPrecond, distill_key: str,
-                train_pairs: Pairs, val_pairs: Pairs, width: int, resume: bool, file: str,
+def crps_stage(case: TrainCase, folder: Path, distilled: ConsistencyPrecond, sigma_max: float,
+                distill_key: str, train_pairs: Pairs, val_pairs: Pairs, width: int, resume: bool, file: str,
                 quiet: bool) -> tuple[ConsistencyPrecond, list[dict], float]:
-    """Autoregressive fine-tuning of the single-step sampler with the fair CRPS over unrolled steps."""
+    """Autoregressive fine-tuning of the single-step sampler (one-call samples f(σ_max z, σ_max)) with the
+    fair CRPS over unrolled steps."""
     c = case.crps
-    sigma_max = case.distill.sigma_max
     gen = torch.Generator().manual_seed(case.train.seed + 3)
     digest = config_digest({"distill": distill_key, "crps": _settings(c), "iterations": c.iterations,
                             **_symmetries(case)})
