@@ -55,3 +55,17 @@ def truth_rank(ens: torch.Tensor, truth: torch.Tensor, member_dim: int = 0) -> t
 def rank_histogram(ranks: torch.Tensor, members: int) -> torch.Tensor:
     """Counts of each rank 0..members."""
     return torch.bincount(ranks.reshape(-1), minlength=members + 1)
+
+
+def band_mse(error: torch.Tensor, edges: Sequence[int]) -> torch.Tensor:
+    """Mean square of a doubly periodic field (..., y, x) split by total wavenumber |k| (rounded to
+    an integer shell): bands [0, e_0], (e_0, e_1], ..., (e_last, ∞); they sum to the field's mean square
+    (Parseval), so they say at which scales an error lies. Returns (..., len(edges) + 1)."""
+    ny, nx = error.shape[-2:]
+    power = torch.fft.fft2(error.double()).abs().square() / (ny * nx) ** 2
+    ky = torch.fft.fftfreq(ny, 1 / ny, dtype=torch.float64)
+    kx = torch.fft.fftfreq(nx, 1 / nx, dtype=torch.float64)
+    shell = (ky[:, None].square() + kx[None, :].square()).sqrt().round()
+    band = torch.bucketize(shell, torch.tensor(list(edges), dtype=torch.float64))
+    out = torch.zeros(*error.shape[:-2], len(edges) + 1, dtype=torch.float64)
+    return out.index_add_(-1, band.flatten(), power.flatten(-2)).to(error.dtype)

@@ -1,4 +1,5 @@
 """Verification scores against their textbook definitions."""
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -55,3 +56,20 @@ def test_batched_scores_equal_per_cycle_scores():
         assert torch.allclose(b, s, atol=1e-12)
     assert torch.equal(metrics.truth_rank(flat, tflat, member_dim=1).reshape(6, 1, 30),
                        torch.stack([metrics.truth_rank(ens[c], truth[c]) for c in range(6)]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(ny=st.integers(4, 24), nx=st.integers(4, 24), seed=st.integers(0, 2**31 - 1),
+       edges=st.lists(st.integers(0, 20), min_size=1, max_size=4, unique=True).map(sorted))
+def test_band_mse_splits_the_mean_square_by_wavenumber(ny, nx, seed, edges):
+    err = torch.randn(3, ny, nx, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    bands = metrics.band_mse(err, edges)
+    assert bands.shape == (3, len(edges) + 1) and (bands >= 0).all()
+    assert torch.allclose(bands.sum(-1), err.square().mean((-2, -1)), rtol=1e-10)
+
+
+def test_band_mse_puts_a_wave_in_the_band_of_its_total_wavenumber():
+    y, x = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    wave = 2.0 * torch.cos(2 * torch.pi * (3 * x + 4 * y) / 32)  # |k| = 5, mean square 2
+    assert metrics.band_mse(wave, [4, 10]).tolist() == pytest.approx([0.0, 2.0, 0.0], abs=1e-5)
+    assert metrics.band_mse(wave, [5, 10]).tolist() == pytest.approx([2.0, 0.0, 0.0], abs=1e-5)

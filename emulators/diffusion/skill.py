@@ -1,11 +1,12 @@
 """Forecast skill of a diffusion emulator against held-out truth runs (for checkpoints and reports).
 
 `python -m emulators.diffusion.skill CHECKPOINT [--sampler single_step] [--members 8] [--leads 12]
-[--rollout-days 100] ...` starts ensembles from exact truth states of fresh truth runs (seeds unseen in
-training), steps them `leads` emulator steps, and prints per lead: RMSE of the ensemble mean, of
-persistence, the spread (root mean ensemble variance), the spread/skill ratio √((M+1)/M)·spread/RMSE,
-fair CRPS, and the fair CRPS of a climatological ensemble (M truth states ≥ 10 days apart from a
-separate run) on the same verifying states. `--rollout-days` adds a free run of one member from a
+[--rollout-days 100] [--bands 4 10 16 22] ...` starts ensembles from exact truth states of fresh truth
+runs (seeds unseen in training), steps them `leads` emulator steps, and prints per lead: RMSE of the
+ensemble mean, of persistence, the spread (root mean ensemble variance), the spread/skill ratio
+√((M+1)/M)·spread/RMSE, fair CRPS, and the fair CRPS of a climatological ensemble (M truth states ≥ 10
+days apart from a separate run) on the same verifying states; `--bands` splits the mean's RMSE by
+wavenumber band (where an emulator's error lies). `--rollout-days` adds a free run of one member from a
 truth state: the spatial θ variance per level over its last fifth against the truth run's.
 """
 from __future__ import annotations
@@ -15,8 +16,11 @@ import json
 import math
 import time
 
+from typing import Sequence
+
 import torch
 
+from assim.metrics import band_mse
 from emulators.diffusion.consistency import fair_crps_loss
 from emulators.diffusion.emulator import SAMPLERS, SYMMETRIES, DiffusionEmulator
 from emulators.registry import model_registry
@@ -50,11 +54,14 @@ def _steps(model: object, x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def ensemble_skill(emulator: DiffusionEmulator, truth: torch.Tensor, members: int, leads: int,
-                   init_stride: int = 1, climatology: torch.Tensor | None = None) -> list[dict]:
+                   init_stride: int = 1, climatology: torch.Tensor | None = None,
+                   bands: Sequence[int] = ()) -> list[dict]:
     """Scores per lead (1..leads) averaged over runs and initial times i = 0, stride, ... of `truth`;
-    `climatology` (M', variables, y, x) adds the fair CRPS of that fixed ensemble per lead."""
+    `climatology` (M', variables, y, x) adds the fair CRPS of that fixed ensemble per lead; `bands`
+    (wavenumber edges) adds the ensemble mean's RMSE per band (`assim.metrics.band_mse`)."""
     runs, count = truth.shape[:2]
-    acc = [dict(mse=0.0, mse_persistence=0.0, variance=0.0, crps=0.0, crps_climatology=0.0) for _ in range(leads)]
+    acc = [dict(mse=0.0, mse_persistence=0.0, variance=0.0, crps=0.0, crps_climatology=0.0,
+                band=torch.zeros(len(bands) + 1, dtype=torch.float64)) for _ in range(leads)]
     n = 0
     for r in range(runs):
         for i in range(0, count - leads, init_stride):
@@ -64,6 +71,8 @@ def ensemble_skill(emulator: DiffusionEmulator, truth: torch.Tensor, members: in
                 y = truth[r, i + k + 1]
                 a = acc[k]
                 a["mse"] += float((ens.mean(0) - y).square().mean())
+                if bands:
+                    a["band"] += band_mse(ens.mean(0) - y, bands).double().mean(0)
                 a["mse_persistence"] += float((truth[r, i] - y).square().mean())
                 a["variance"] += float(ens.var(0).mean())
                 a["crps"] += float(fair_crps_loss(ens, y))
@@ -79,6 +88,8 @@ def ensemble_skill(emulator: DiffusionEmulator, truth: torch.Tensor, members: in
                "forecasts": n}
         if climatology is not None:
             row["crps_climatology"] = a["crps_climatology"] / n
+        if bands:
+            row["rmse_bands"] = (a["band"] / n).sqrt().tolist()
         out.append(row)
     return out
 
@@ -116,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--symmetries", default="none", choices=SYMMETRIES, help="members: conjugated members")
     p.add_argument("--symmetry-mean", type=int, default=1, help="conjugated samples averaged per member")
     p.add_argument("--rollout-days", type=float, default=0.0, help="free run length (0: none)")
+    p.add_argument("--bands", type=int, nargs="*", default=[],
+                   help="wavenumber edges: adds the mean's RMSE per band, e.g. --bands 4 10 16 22")
     p.add_argument("--seed", type=int, default=9000, help="first truth seed (keep clear of training seeds)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -131,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
                        (args.inits - 1) * stride + args.leads + 1).float()
     climate = truth_runs("sqg", truth_cfg, [args.seed + 500], 50 * 86400, 10 * 86400, args.members).float()[0]
     t1 = time.perf_counter()
-    scores = ensemble_skill(em, truth, args.members, args.leads, stride, climate)
+    scores = ensemble_skill(em, truth, args.members, args.leads, stride, climate, args.bands)
     result = {"checkpoint": args.checkpoint, "sampler": args.sampler, "symmetries": args.symmetries,
               "symmetry_mean": args.symmetry_mean,
               "steps": args.steps, "churn": args.churn,
