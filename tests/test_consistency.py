@@ -206,7 +206,9 @@ def test_skill_scores_against_direct_computation(tmp_path):
     clim = torch.randn(4, 2, 32, 32, generator=g) * 5
     rows = ensemble_skill(em, truth, members=3, leads=2, climatology=clim, bands=[3, 8])
     assert [r["forecasts"] for r in rows] == [1, 1] and rows[1]["lead_hours"] == 12.0
-    assert all(len(r["rmse_bands"]) == 3 for r in rows)
+    assert all(len(r["rmse_bands"]) == len(r["rmse_persistence_bands"]) == 3 for r in rows)
+    persistence = sum(b * b for b in rows[1]["rmse_persistence_bands"])
+    assert persistence == pytest.approx(rows[1]["rmse_persistence"] ** 2, rel=1e-4)
     assert sum(b * b for b in rows[0]["rmse_bands"]) == pytest.approx(rows[0]["rmse"] ** 2, rel=1e-4)
     assert rows[1]["rmse_persistence"] == pytest.approx(float((truth[0, 0] - truth[0, 2]).square().mean().sqrt()))
     assert rows[0]["crps_climatology"] == pytest.approx(float(fair_crps_loss(clim, truth[0, 1])), rel=1e-6)

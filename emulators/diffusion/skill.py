@@ -5,8 +5,8 @@
 runs (seeds unseen in training), steps them `leads` emulator steps, and prints per lead: RMSE of the
 ensemble mean, of persistence, the spread (root mean ensemble variance), the spread/skill ratio
 √((M+1)/M)·spread/RMSE, fair CRPS, and the fair CRPS of a climatological ensemble (M truth states ≥ 10
-days apart from a separate run) on the same verifying states; `--bands` splits the mean's RMSE by
-wavenumber band (where an emulator's error lies). `--rollout-days` adds a free run of one member from a
+days apart from a separate run) on the same verifying states; `--bands` splits the mean's and
+persistence's RMSE by wavenumber band (where an emulator's error lies). `--rollout-days` adds a free run of one member from a
 truth state: the spatial θ variance per level over its last fifth against the truth run's.
 """
 from __future__ import annotations
@@ -58,10 +58,12 @@ def ensemble_skill(emulator: DiffusionEmulator, truth: torch.Tensor, members: in
                    bands: Sequence[int] = ()) -> list[dict]:
     """Scores per lead (1..leads) averaged over runs and initial times i = 0, stride, ... of `truth`;
     `climatology` (M', variables, y, x) adds the fair CRPS of that fixed ensemble per lead; `bands`
-    (wavenumber edges) adds the ensemble mean's RMSE per band (`assim.metrics.band_mse`)."""
+    (wavenumber edges) adds the RMSE per band of the ensemble mean and of persistence
+    (`assim.metrics.band_mse`)."""
     runs, count = truth.shape[:2]
     acc = [dict(mse=0.0, mse_persistence=0.0, variance=0.0, crps=0.0, crps_climatology=0.0,
-                band=torch.zeros(len(bands) + 1, dtype=torch.float64)) for _ in range(leads)]
+                band=torch.zeros(len(bands) + 1, dtype=torch.float64),
+                band_persistence=torch.zeros(len(bands) + 1, dtype=torch.float64)) for _ in range(leads)]
     n = 0
     for r in range(runs):
         for i in range(0, count - leads, init_stride):
@@ -73,6 +75,7 @@ def ensemble_skill(emulator: DiffusionEmulator, truth: torch.Tensor, members: in
                 a["mse"] += float((ens.mean(0) - y).square().mean())
                 if bands:
                     a["band"] += band_mse(ens.mean(0) - y, bands).double().mean(0)
+                    a["band_persistence"] += band_mse(truth[r, i] - y, bands).double().mean(0)
                 a["mse_persistence"] += float((truth[r, i] - y).square().mean())
                 a["variance"] += float(ens.var(0).mean())
                 a["crps"] += float(fair_crps_loss(ens, y))
@@ -90,6 +93,7 @@ def ensemble_skill(emulator: DiffusionEmulator, truth: torch.Tensor, members: in
             row["crps_climatology"] = a["crps_climatology"] / n
         if bands:
             row["rmse_bands"] = (a["band"] / n).sqrt().tolist()
+            row["rmse_persistence_bands"] = (a["band_persistence"] / n).sqrt().tolist()
         out.append(row)
     return out
 
