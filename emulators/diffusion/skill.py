@@ -6,8 +6,9 @@ runs (seeds unseen in training), steps them `leads` emulator steps, and prints p
 ensemble mean, of persistence, the spread (root mean ensemble variance), the spread/skill ratio
 √((M+1)/M)·spread/RMSE, fair CRPS, and the fair CRPS of a climatological ensemble (M truth states ≥ 10
 days apart from a separate run) on the same verifying states; `--bands` splits the mean's and
-persistence's RMSE by wavenumber band (where an emulator's error lies). `--rollout-days` adds a free run of one member from a
-truth state: the spatial θ variance per level over its last fifth against the truth run's.
+persistence's RMSE by wavenumber band (where an emulator's error lies). `--rollout-days` adds a free run
+of one member from a truth state: the spatial θ variance per level over its last fifth against the truth
+run's.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import argparse
 import json
 import math
 import time
-
 from typing import Sequence
 
 import torch
@@ -72,11 +72,12 @@ def ensemble_skill(emulator: DiffusionEmulator, truth: torch.Tensor, members: in
                 ens = emulator.step(ens, ((r * count + i) * leads + k) * emulator.dt)
                 y = truth[r, i + k + 1]
                 a = acc[k]
-                a["mse"] += float((ens.mean(0) - y).square().mean())
+                error, persistence = ens.mean(0) - y, truth[r, i] - y
+                a["mse"] += float(error.square().mean())
+                a["mse_persistence"] += float(persistence.square().mean())
                 if bands:
-                    a["band"] += band_mse(ens.mean(0) - y, bands).double().mean(0)
-                    a["band_persistence"] += band_mse(truth[r, i] - y, bands).double().mean(0)
-                a["mse_persistence"] += float((truth[r, i] - y).square().mean())
+                    a["band"] += band_mse(error, bands).double().mean(0)
+                    a["band_persistence"] += band_mse(persistence, bands).double().mean(0)
                 a["variance"] += float(ens.var(0).mean())
                 a["crps"] += float(fair_crps_loss(ens, y))
                 if climatology is not None:
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--symmetry-mean", type=int, default=1, help="conjugated samples averaged per member")
     p.add_argument("--rollout-days", type=float, default=0.0, help="free run length (0: none)")
     p.add_argument("--bands", type=int, nargs="*", default=[],
-                   help="wavenumber edges: adds the mean's RMSE per band, e.g. --bands 4 10 16 22")
+                   help="wavenumber edges: the mean's and persistence's RMSE per band, e.g. --bands 4 10 16 22")
     p.add_argument("--seed", type=int, default=9000, help="first truth seed (keep clear of training seeds)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
