@@ -9,9 +9,9 @@ variables, y, x; the last two runs are held out). The network (the checkpoint's 
 noise input fixed, the state's channels where the noisy increment would be) predicts the standardised
 Δ-increment; training: Adam, warm-up 200, cosine decay to 0.1, EMA 0.999, batch 16, random symmetry
 elements of the SQG model, bfloat16 autocast where the CPU has it; first 1-step pairs, then 2-step
-rollouts (batch 8) scored at both steps. Every 500 iterations, and at the end, it prints the RMSE (K)
-at 6 and 12 h from 48 held-out starts, next to persistence's and the checkpoint's single-step 8-member
-ensemble mean on the same starts. Every step goes through the checkpoint's Shapiro filter.
+rollouts (batch 8) scored at both steps; `--perturb` perturbs the starts. Every 500 iterations, and at
+the end, it prints the RMSE (K) at 6 and 12 h from 48 held-out starts, next to persistence's and the
+checkpoint's single-step 8-member ensemble mean on the same starts. Every step goes through the checkpoint's Shapiro filter.
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ from emulators.diffusion.emulator import static_fields
 from emulators.diffusion.network import UNetLite
 from emulators.diffusion.smoothing import shapiro
 from emulators.sqg import SQG
-from twin.train import native_bfloat16
+from twin.train import AugmentConfig, native_bfloat16
+from twin.trainstages import perturbation
 
 
 def wrap_pad(z: torch.Tensor, h: int) -> torch.Tensor:
@@ -44,6 +45,8 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, nargs=2, default=(4500, 1500), metavar=("ONE_STEP", "TWO_STEP"))
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--perturb", type=float, default=0.0, help="starts perturbed as in twin train's augment "
+                    "stage, std uniform in [0, PERTURB] state stds per pair; the target stays the truth")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save", help="write the EMA network's state_dict here")
     args = ap.parse_args()
@@ -113,6 +116,8 @@ def main() -> None:
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1, (it + 1) / 200) * (0.1 + 0.45 * (1 + math.cos(math.pi * it / total)))
         seq = rollout(steps, b)
+        if args.perturb:
+            seq[0] = seq[0] + std * perturbation(seq[0].shape, AugmentConfig(noise=args.perturb), g)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             x, loss = seq[0], 0.0
             for k in range(steps):
