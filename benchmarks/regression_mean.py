@@ -11,7 +11,8 @@ noise input fixed, the state's channels where the noisy increment would be) pred
 elements of the SQG model, bfloat16 autocast where the CPU has it; first 1-step pairs, then 2-step
 rollouts (batch 8) scored at both steps; `--perturb` perturbs the starts. Every 500 iterations, and at
 the end, it prints the RMSE (K) at 6 and 12 h from 48 held-out starts, next to persistence's and the
-checkpoint's single-step 8-member ensemble mean on the same starts. Every step goes through the checkpoint's Shapiro filter.
+checkpoint's single-step 8-member ensemble mean on the same starts. Every step goes through the
+checkpoint's Shapiro filter.
 """
 from __future__ import annotations
 
@@ -90,7 +91,8 @@ def main() -> None:
                                                   sigma_max, cond_of(x), wrap_pad))
     print(f"RMSE (K) at 6 / 12 h from {len(start)} held-out starts")
     print("persistence:", [round(rmse(start, t), 3) for t in truth])
-    print(f"{Path(ck.path).name} single-step, 8-member mean:", [round(v, 3) for v in scores(sampled, 8)], flush=True)
+    v6_scores = [round(v, 3) for v in scores(sampled, 8)]
+    print(f"{Path(ck.path).name} single-step, 8-member mean:", v6_scores, flush=True)
 
     torch.manual_seed(args.seed)
     net = UNetLite(ck.network_config)
@@ -114,7 +116,8 @@ def main() -> None:
     for it in range(total):
         steps, b = (1, 16) if it < one else (2, 8)
         for group in opt.param_groups:
-            group["lr"] = args.lr * min(1, (it + 1) / 200) * (0.1 + 0.45 * (1 + math.cos(math.pi * it / total)))
+            decay = 0.1 + 0.45 * (1 + math.cos(math.pi * it / total))
+            group["lr"] = args.lr * min(1, (it + 1) / 200) * decay
         seq = rollout(steps, b)
         if args.perturb:
             seq[0] = seq[0] + std * perturbation(seq[0].shape, AugmentConfig(noise=args.perturb), g)
