@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from emulators.diffusion.checkpoint import load_checkpoint
 from emulators.diffusion.consistency import ConsistencyPrecond, one_step_sample
@@ -32,11 +30,8 @@ from emulators.diffusion.network import UNetLite
 from emulators.diffusion.smoothing import shapiro
 from emulators.sqg import SQG
 from twin.train import AugmentConfig, native_bfloat16
-from twin.trainstages import perturbation
-
-
-def wrap_pad(z: torch.Tensor, h: int) -> torch.Tensor:
-    return F.pad(z, (h, h, h, h), mode="circular") if h else z
+from twin.trainpairs import periodic_pad
+from twin.trainstages import _lr, perturbation
 
 
 def main() -> None:
@@ -63,7 +58,7 @@ def main() -> None:
         return torch.cat([(x - mean) / std, static.expand(len(x), *static.shape)], 1)
 
     def finish(x: torch.Tensor, inc: torch.Tensor) -> torch.Tensor:
-        return shapiro(x + inc_mean + inc_std * inc.float(), ck.smoothing_order, (True, True), wrap_pad)
+        return shapiro(x + inc_mean + inc_std * inc.float(), ck.smoothing_order, (True, True), periodic_pad)
 
     def regression_step(net: UNetLite, x: torch.Tensor) -> torch.Tensor:
         return finish(x, net(torch.cat([torch.zeros_like(x), cond_of(x)], 1), torch.zeros(len(x))))
@@ -88,7 +83,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed + 5)
     sigma_max = ck.single_step["sigma_max"]
     sampled = lambda x: finish(x, one_step_sample(single, torch.randn(x.shape, generator=gen),  # noqa: E731
-                                                  sigma_max, cond_of(x), wrap_pad))
+                                                  sigma_max, cond_of(x), periodic_pad))
     print(f"RMSE (K) at 6 / 12 h from {len(start)} held-out starts")
     print("persistence:", [round(rmse(start, t), 3) for t in truth])
     v6_scores = [round(v, 3) for v in scores(sampled, 8)]
@@ -116,8 +111,7 @@ def main() -> None:
     for it in range(total):
         steps, b = (1, 16) if it < one else (2, 8)
         for group in opt.param_groups:
-            decay = 0.1 + 0.45 * (1 + math.cos(math.pi * it / total))
-            group["lr"] = args.lr * min(1, (it + 1) / 200) * decay
+            group["lr"] = _lr(args.lr, 200, total, 0.1, it)
         seq = rollout(steps, b)
         if args.perturb:
             seq[0] = seq[0] + std * perturbation(seq[0].shape, AugmentConfig(noise=args.perturb), g)
