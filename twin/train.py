@@ -36,6 +36,7 @@ from emulators.diffusion.consistency import ConsistencyPrecond
 from emulators.diffusion.edm import EDMConfig, Precond
 from emulators.diffusion.emulator import static_fields
 from emulators.diffusion.network import NetworkConfig, UNetLite, parameter_count
+from emulators.diffusion.regression import Regression
 from emulators.diffusion.smoothing import shapiro_halo
 from emulators.registry import model_registry
 from twin.archive import SPLITS, Archive, ArchiveConfig, open_archive, parse_archive_config
@@ -44,7 +45,7 @@ from twin.domain import SerialDomain
 from twin.random import Streams
 from twin.trainpairs import ArchivePairs, Pairs, TruthPairs, lon_periodic
 from twin.trainstages import (atomic_save, augment_stage, config_digest, crps_stage, distill_stage,
-                              teacher_stage)
+                              regression_stage, residual_std, teacher_stage)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,27 @@ class TrainConfig:
         "help": "network arithmetic of every stage's training steps (bfloat16: autocast, float32 weights, "
                 "norms and residuals; ~1.5x faster where the CPU has AVX512-BF16); validation and the "
                 "shipped emulator run in float32"})
+
+
+@dataclass(frozen=True)
+class RegressionConfig:
+    iterations: int = field(default=0, metadata={"min": 0, "help": "one-step iterations of the regression network "
+                                                 "of the increment's mean (0 and rollout_iterations 0: none; the "
+                                                 "diffusion networks then model the whole increment)"})
+    rollout_iterations: int = field(default=0, metadata={"min": 0, "help": "then iterations unrolling 2 steps "
+                                                         "(half the batch)"})
+    channels: tuple[int, ...] = field(default=(), metadata={
+        "help": "its channels per level (empty: network.channels; the other keys are network's)"})
+    batch_size: int = field(default=16, metadata={"min": 2, "help": "one-step pairs per step"})
+    perturb: float = field(default=0.0, metadata={"min": 0, "help": "largest std (state-std units) of a perturbation "
+                                                  "of the starts, of the augment stage's kind; the target stays the "
+                                                  "truth (0: none)"})
+    lr: float = field(default=3e-4, metadata={"gt": 0, "help": "peak learning rate (Adam)"})
+    warmup: int = field(default=200, metadata={"min": 0, "help": "linear warm-up iterations"})
+    ema: float = field(default=0.999, metadata={"min": 0, "max": 1, "help": "EMA decay of the shipped weights"})
+    residual_pairs: int = field(default=512, metadata={"min": 1, "help": "training pairs that measure the "
+                                                       "residual's std"})
+    checkpoint_every: int = field(default=250, metadata={"min": 1, "help": "iterations between resume points"})
 
 
 @dataclass(frozen=True)
@@ -153,6 +175,7 @@ class TrainCase:
     network: NetworkKeys = NetworkKeys()
     edm: EDMConfig = EDMConfig()
     train: TrainConfig = TrainConfig()
+    regression: RegressionConfig = RegressionConfig()
     augment: AugmentConfig = AugmentConfig()
     distill: DistillConfig = DistillConfig()
     crps: CRPSConfig = CRPSConfig()
@@ -202,6 +225,9 @@ def load_train_case(path: str | Path, overrides: tuple[str, ...] = ()) -> tuple[
     if case.init and not any((case.train.iterations, case.augment.iterations, case.distill.iterations,
                               case.crps.iterations)):
         raise ConfigError(file, "init", "nothing to fine-tune: every stage has 0 iterations")
+    if case.init and (case.regression.iterations or case.regression.rollout_iterations):
+        raise ConfigError(file, "regression.iterations", "not with init: a checkpoint's regression network is "
+                          "kept as it is")
     if case.crps.iterations and not case.distill.iterations and not case.init:
         raise ConfigError(file, "crps.iterations", "CRPS fine-tuning needs the distilled sampler (distill.iterations > 0)")
     try:
@@ -218,6 +244,10 @@ def load_train_case(path: str | Path, overrides: tuple[str, ...] = ()) -> tuple[
         network_config(case, 2)
     except ValueError as e:
         raise ConfigError(file, "network", str(e)) from None
+    try:
+        regression_config(case, 2)
+    except ValueError as e:
+        raise ConfigError(file, "regression.channels", str(e)) from None
     return case, raw
 
 
@@ -252,6 +282,15 @@ def network_config(case: TrainCase, nvar: int) -> NetworkConfig:
     n = case.network
     return NetworkConfig(in_channels=2 * nvar + len(n.static), out_channels=nvar, fold=n.fold,
                          channels=tuple(n.channels), blocks=tuple(n.blocks), up_blocks=n.up_blocks, embed=n.embed)
+
+
+def regression_config(case: TrainCase, nvar: int) -> NetworkConfig:
+    """The regression network's architecture: network's, with regression.channels when given (so its
+    halo and alignment are the denoiser's)."""
+    channels = case.regression.channels or case.network.channels
+    if len(channels) != len(case.network.channels):
+        raise ValueError(f"{list(channels)}: one width per level of network.channels ({len(case.network.channels)})")
+    return dataclasses.replace(network_config(case, nvar), channels=tuple(channels))
 
 
 def make_truth_data(case: TrainCase, quiet: bool = True) -> torch.Tensor:
@@ -320,7 +359,7 @@ def _plot_losses(histories: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = {"teacher": "EDM loss", "augment": "EDM loss, perturbed conditions", "distill": "consistency-distillation loss", "crps": "fair CRPS (std units)"}
+    labels = {"regression": "mean square error (state stds)", "teacher": "EDM loss", "augment": "EDM loss, perturbed conditions", "distill": "consistency-distillation loss", "crps": "fair CRPS (std units)"}
     stages = [k for k in labels if histories.get(k)]
     fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)
     for ax, stage in zip(axes[0], stages):
@@ -467,6 +506,37 @@ def _init_checkpoint(case: TrainCase, file: str, variables: tuple[str, ...], gri
     return ck, digest
 
 
+def _regression(case: TrainCase, file: str, folder: Path, init: tuple[Checkpoint, str] | None, net: UNetLite,
+                data_key: str, train_pairs: Pairs, val_pairs: Pairs, width: int, resume: bool, quiet: bool,
+                histories: dict, walls: dict) -> tuple[Regression, torch.Tensor, str, dict] | None:
+    """The regression network of the increment's mean (trained here, or the init checkpoint's): (network,
+    residual std (V,), its digest, its checkpoint entry); None when there is none."""
+    r = case.regression
+    if init is not None:
+        ck = init[0]
+        model = ck.build_regression()
+        if model is None:
+            return None
+        model.net.wrap = net.wrap
+        entry = {**ck.regression, "network": NetworkConfig.from_dict(dict(ck.regression["network"]))}
+        return model, torch.tensor(ck.residual_std()), init[1], entry
+    if not (r.iterations or r.rollout_iterations):
+        return None
+    cfg = regression_config(case, len(train_pairs.mean[0]))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(case.train.seed + 11)
+        reg_net = UNetLite(cfg)
+    reg_net.wrap = net.wrap
+    model, histories["regression"], walls["regression"], key = regression_stage(
+        case, folder, data_key, reg_net, train_pairs, val_pairs, width, resume, file, quiet)
+    rstd = residual_std(model, train_pairs, r.residual_pairs, case.train.seed + 13)
+    entry = {"network": cfg, "state_dict": model.net.state_dict(), "residual_std": rstd.tolist(),
+             "training": {"iterations": r.iterations, "rollout_iterations": r.rollout_iterations,
+                          "parameters": parameter_count(reg_net),
+                          "final_validation": histories["regression"][-1]["validation"]}}
+    return model, rstd, key, entry
+
+
 def _train(case: TrainCase, raw: dict, file: str, folder: Path, source: _Source,
            init: tuple[Checkpoint, str] | None, resume: bool, quiet: bool) -> Path:
     """The stages on `source`'s pairs, then the checkpoint, `config.yaml` and `loss.png` in `folder`.
@@ -497,6 +567,12 @@ def _train(case: TrainCase, raw: dict, file: str, folder: Path, source: _Source,
     ema = copy.deepcopy(model).requires_grad_(False)
     histories: dict[str, list[dict]] = {}
     walls: dict[str, float] = {}
+    regression = _regression(case, file, folder, init, net, data_key, train_pairs, val_pairs, nx, resume, quiet,
+                             histories, walls)
+    if regression is not None:  # every later stage models the residual of this regression
+        for pairs in (train_pairs, val_pairs):
+            pairs.set_regression(regression[0], regression[1])
+        data_key = config_digest({"data": data_key, "regression": regression[2]})
     key = data_key
     if t.iterations:
         histories["teacher"], walls["teacher"], key = teacher_stage(case, folder, data_key, net, model, ema,
@@ -545,7 +621,8 @@ def _train(case: TrainCase, raw: dict, file: str, folder: Path, source: _Source,
     ckpt = save_checkpoint(folder / "checkpoint.pt", network_config=net_cfg, state_dict=ema.net.state_dict(),
                            sigma_data=case.edm.sigma_data, variables=source.variables, grid_shape=source.grid_shape,
                            periodic=source.periodic, static=case.network.static, dt_seconds=source.dt_seconds,
-                           stats=stats, training=training, single_step=single_step, smoothing_order=smoothing_order)
+                           stats=stats, training=training, single_step=single_step, smoothing_order=smoothing_order,
+                           regression=None if regression is None else regression[3])
     info = {"checkpoint": ckpt.name, "case": raw, "network": net_cfg.to_dict(), "receptive_halo": net.receptive_halo,
             "alignment": net.alignment, "dt_seconds": source.dt_seconds, "stats": stats,
             "training": training, "history": histories}

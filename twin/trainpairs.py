@@ -7,7 +7,9 @@ Both expose the same interface to the training stages: `count`, `batch`, `rollou
 the truth model's exact symmetry group that `batch` and `rollout` may apply per pair; 0: none). `batch`
 and `rollout` also return a validity mask (None for truth runs): an archive's masked (NaN) points are 0 after
 standardising, and `net` zeroes a network's output there, so they add nothing to a loss. The network
-sees the window the emulator gives it: the grid grown to its alignment, plus the halo.
+sees the window the emulator gives it: the grid grown to its alignment, plus the halo. With a regression
+network set (`set_regression`), `residual` turns a target increment into the diffusion networks' target,
+(increment − R(condition)) / residual_std, and `increment` turns their sample back.
 """
 from __future__ import annotations
 
@@ -64,6 +66,8 @@ class _Standardised:
 
     periodic_x = True
     symmetry_count = 0
+    regression: Callable[[torch.Tensor], torch.Tensor] | None = None
+    residual_std: torch.Tensor | None = None  # (1, V, 1, 1)
 
     def __init__(self, stats: dict, static: torch.Tensor, halo: int, shape: tuple[int, int], alignment: int,
                  periodic: tuple[bool, bool]) -> None:
@@ -85,6 +89,32 @@ class _Standardised:
             out = model(x, sigma, cond, pad)[..., :ny, :nx]
             return out if mask is None else out * mask
         return run
+
+    def set_regression(self, regression: Callable[[torch.Tensor], torch.Tensor], residual_std: torch.Tensor) -> None:
+        """From now on the diffusion targets are the residuals of `regression` (R(condition) on the window)."""
+        self.regression, self.residual_std = regression, residual_std.view(1, -1, 1, 1)
+
+    def mean_increment(self, cond: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | float:
+        """R(cond) cropped to the grid and zeroed where `mask` is False (0 without a regression)."""
+        if self.regression is None:
+            return 0.0
+        out = self.regression(cond)[..., :self.shape[0], :self.shape[1]]
+        return out if mask is None else out * mask
+
+    def residual(self, target: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The diffusion networks' target for a standardised increment `target` (unchanged without a
+        regression, which gets no gradient from it)."""
+        if self.regression is None:
+            return target
+        with torch.no_grad():
+            mean = self.mean_increment(cond, mask)
+        return (target - mean) / self.residual_std
+
+    def increment(self, cond: torch.Tensor, sample: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The standardised increment of a diffusion network's `sample`: R(cond) + residual_std · sample."""
+        if self.regression is None:
+            return sample
+        return self.mean_increment(cond, mask) + self.residual_std * sample
 
     def pad_grid(self, x: torch.Tensor, h: int) -> torch.Tensor:
         """A halo of h on the grid itself (wrapped where periodic, zeros elsewhere), as the emulator's

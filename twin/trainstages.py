@@ -1,5 +1,5 @@
-"""The resumable optimisation stages of `twin train`: the EDM teacher, consistency distillation and
-fair-CRPS fine-tuning of the single-step sampler.
+"""The resumable optimisation stages of `twin train`: the regression network of the increment's mean,
+the EDM teacher, consistency distillation and fair-CRPS fine-tuning of the single-step sampler.
 
 Each stage is Adam with linear warm-up and cosine decay and an EMA of the weights (what ships), writes
 `OUT/<stage>_state.pt` every `checkpoint_every` iterations (atomically) and resumes from it only when
@@ -25,12 +25,13 @@ from torch import nn
 from emulators.diffusion.consistency import (ConsistencyPrecond, ascending_sigmas, distillation_loss,
                                               one_step_sample, rollout_crps)
 from emulators.diffusion.edm import Precond, edm_loss
+from emulators.diffusion.regression import Regression
 from emulators.diffusion.smoothing import shapiro
 from twin.config import ConfigError
 from twin.trainpairs import Pairs
 
 if TYPE_CHECKING:
-    from twin.train import AugmentConfig, TrainCase
+    from twin.train import AugmentConfig, RegressionConfig, TrainCase
 
 
 def config_digest(obj: Any) -> str:
@@ -53,6 +54,7 @@ def _validation_loss(model: Precond, pairs: Pairs, case: TrainCase) -> float:
     with torch.no_grad():
         for chunk in index.split(16):
             target, cond, mask = pairs.batch(chunk)
+            target = pairs.residual(target, cond, mask)
             total += float(edm_loss(pairs.net(model, mask), target, cond, pairs.pad, case.edm, g)) * len(chunk)
     return total / n
 
@@ -165,6 +167,80 @@ def _symmetries(case: TrainCase) -> dict:
     return {"symmetries": True} if case.train.symmetries else {}
 
 
+def regression_stage(case: TrainCase, folder: Path, data_key: str, net: nn.Module, train_pairs: Pairs,
+                     val_pairs: Pairs, width: int, resume: bool, file: str,
+                     quiet: bool) -> tuple[Regression, list[dict], float, str]:
+    """The regression network of the increment's mean: the mean square error (state-std units) of
+    rollouts through the emulator's Shapiro filter — `iterations` of one step, then `rollout_iterations`
+    of two steps (half the batch) — from starts perturbed as in the augment stage up to `perturb` (the
+    target stays the truth). Returns the EMA network, history (validation: the mean square error of
+    held-out 2-step rollouts), wall time and digest."""
+    r = case.regression
+    gen = torch.Generator().manual_seed(case.train.seed + 5)
+    digest = config_digest({"data": data_key, "regression": _settings(r), "network": dataclasses.asdict(case.network),
+                            "iterations": [r.iterations, r.rollout_iterations], **_precision(case),
+                            **_symmetries(case)})
+    variables = train_pairs.mean.shape[1]
+    live = Regression(net, variables)
+    ema = copy.deepcopy(live).requires_grad_(False)
+    draw = _augmentation(case, train_pairs, width)
+    perturb = dataclasses.replace(case.augment, noise=r.perturb)
+    total = r.iterations + r.rollout_iterations
+
+    def score(model: Regression, p: Pairs, start: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor | None
+              ) -> torch.Tensor:
+        x, loss = start, 0.0
+        for k in range(len(truth)):
+            cond = p.condition((x - p.mean) / p.std)
+            inc = model(cond)[..., :p.shape[0], :p.shape[1]]
+            out = shapiro(x + p.inc_mean + p.inc_std * inc, case.crps.smoothing_order, p.periodic, p.pad_grid)
+            x = out if mask is None else torch.where(mask, out, x)
+            err = ((x - truth[k]) / p.std).square()
+            loss = loss + (err.mean() if mask is None else (err * mask).sum() / mask.sum().clamp_min(1)) / len(truth)
+        return loss
+
+    def loss(it: int) -> torch.Tensor:
+        steps = 1 if it < r.iterations else 2
+        b = r.batch_size if steps == 1 else max(1, r.batch_size // 2)
+        index = torch.randint(train_pairs.rollout_count(steps), (b,), generator=gen)
+        start, truth, mask = train_pairs.rollout(index, steps, *draw(b, gen))
+        if r.perturb:
+            eps = train_pairs.std * perturbation(start.shape, perturb, gen)
+            start = start + (eps if mask is None else eps * mask)
+        return score(live, train_pairs, start, truth, mask)
+
+    def validate() -> float:
+        g = torch.Generator().manual_seed(case.train.seed + 7919)
+        n = min(case.crps.validation_states, val_pairs.rollout_count(2))
+        start, truth, mask = val_pairs.rollout(torch.randperm(val_pairs.rollout_count(2), generator=g)[:n], 2)
+        with torch.no_grad():
+            return float(score(ema, val_pairs, start, truth, mask))
+
+    stage = _Stage("regression", folder / "regression_state.pt", digest, total, r.checkpoint_every,
+                   lambda it: _lr(r.lr, r.warmup, total, 0.1, it), lambda it: min(r.ema, (1 + it) / (10 + it)),
+                   case.train.grad_clip, _bf16(case))
+    history, wall = _run_stage(stage, live.net, ema.net, loss, validate, gen, resume, file, quiet)
+    return ema, history, wall, digest
+
+
+def residual_std(regression: Regression, pairs: Pairs, count: int, seed: int) -> torch.Tensor:
+    """Per-variable std (V,) of the standardised increment minus the regression on up to `count` pairs:
+    the scale of the diffusion networks' target."""
+    g = torch.Generator().manual_seed(seed)
+    index = torch.randperm(pairs.count, generator=g)[:min(count, pairs.count)]
+    sums = torch.zeros(pairs.mean.shape[1], dtype=torch.float64)
+    weight = torch.zeros_like(sums)
+    with torch.no_grad():
+        for chunk in index.split(16):
+            target, cond, mask = pairs.batch(chunk)
+            mean = regression(cond)[..., :pairs.shape[0], :pairs.shape[1]]
+            err = (target - mean).square()
+            m = torch.ones_like(err) if mask is None else mask.to(err.dtype)
+            sums += (err * m).sum((0, 2, 3)).double()
+            weight += m.sum((0, 2, 3)).double()
+    return (sums / weight.clamp_min(1)).sqrt().float()
+
+
 def teacher_stage(case: TrainCase, folder: Path, data_key: str, net: nn.Module, model: Precond, ema: Precond,
                    train_pairs: Pairs, val_pairs: Pairs, width: int, resume: bool, file: str,
                    quiet: bool) -> tuple[list[dict], float, str]:
@@ -181,6 +257,7 @@ def teacher_stage(case: TrainCase, folder: Path, data_key: str, net: nn.Module, 
     def loss(it: int) -> torch.Tensor:
         index = torch.randint(train_pairs.count, (t.batch_size,), generator=gen)
         target, cond, mask = train_pairs.batch(index, *draw(t.batch_size, gen))
+        target = train_pairs.residual(target, cond, mask)
         return edm_loss(train_pairs.net(model, mask), target, cond, train_pairs.pad, case.edm, gen)
 
     stage = _Stage(f"train {case.name}", folder / "train_state.pt", digest, t.iterations, t.checkpoint_every,
@@ -210,16 +287,17 @@ def perturbed_batch(p: Pairs, index: torch.Tensor, transform: tuple[torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`p.batch` (pairs `index`, (shifts, symmetry elements) `transform`) with the condition's state x_t
     perturbed to x_t + ε and the target increment x_{t+Δ} − x_t changed to x_{t+Δ} − (x_t + ε), all
-    standardised (ε masked like the state)."""
+    standardised (ε masked like the state); with a regression, the residual of that target."""
     target, cond, mask = p.batch(index, *transform)
     if not config.noise:
-        return target, cond, mask
+        return p.residual(target, cond, mask), cond, mask
     eps = perturbation(target.shape, config, gen)
     if mask is not None:
         eps = eps * mask
     h = p.halo  # the condition holds the standardised state at [h:h + ny, h:h + nx]
     state = cond[:, :target.shape[1], h:h + target.shape[-2], h:h + target.shape[-1]]
-    return target - (p.std / p.inc_std) * eps, p.condition(state + eps), mask
+    cond = p.condition(state + eps)
+    return p.residual(target - (p.std / p.inc_std) * eps, cond, mask), cond, mask
 
 
 def augment_stage(case: TrainCase, folder: Path, teacher: Precond, teacher_key: str, train_pairs: Pairs,
@@ -277,6 +355,7 @@ def distill_stage(case: TrainCase, folder: Path, teacher: Precond, teacher_key: 
         with torch.no_grad():
             for chunk in index.split(16):
                 target, cond, mask = val_pairs.batch(chunk)
+                target = val_pairs.residual(target, cond, mask)
                 total += float(distillation_loss(val_pairs.net(ema, mask), val_pairs.net(teacher, mask), target,
                                                  cond, val_pairs.pad, sigmas, g)) * len(chunk)
         return total / len(index)
@@ -311,7 +390,7 @@ def crps_stage(case: TrainCase, folder: Path, distilled: ConsistencyPrecond, sig
 
         def step(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
             cond = p.condition((x - p.mean) / p.std)
-            out = x + p.inc_mean + p.inc_std * one_step_sample(run, z, sigma_max, cond, p.pad)
+            out = x + p.inc_mean + p.inc_std * p.increment(cond, one_step_sample(run, z, sigma_max, cond, p.pad), keep)
             out = shapiro(out, c.smoothing_order, p.periodic, p.pad_grid)
             return out if keep is None else torch.where(keep, out, x)
         return step

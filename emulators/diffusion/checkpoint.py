@@ -4,7 +4,9 @@ A checkpoint is a `torch.save`d dict (loaded with `weights_only=True`, so a file
 format tag and version, the EarthTwin version that wrote it, the network's architecture keys and
 state_dict (EMA weights), EDM σ_d, the variables (names, units, long names), grid shape and
 periodicity, static input channels, the emulator step Δ in seconds, per-variable standardisation
-statistics of the state and of the Δ-increment, and free-form training metadata.
+statistics of the state and of the Δ-increment, and free-form training metadata; optionally the
+single-step sampler's network and a regression network for the increment's mean (then both diffusion
+networks model the residual: `emulators.diffusion.regression`).
 Any mismatch raises `CheckpointMismatch("PATH: what")` — one line, a user error (exit 2).
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 
 from emulators.diffusion.network import NetworkConfig, UNetLite
+from emulators.diffusion.regression import Regression
 
 FORMAT = "earthtwin-diffusion"
 FORMAT_VERSION = 1
@@ -50,6 +53,20 @@ class Checkpoint:
     training: dict
     single_step: dict | None = None  # {state_dict, sigma_min, sigma_max, training} of the consistency network
     smoothing_order: int = 0  # Shapiro filter after each step, as trained (0: none)
+    # {network (architecture keys), state_dict, residual_std (per variable), training} of the mean's network
+    regression: dict | None = None
+
+    def build_regression(self) -> Regression | None:
+        """The regression network of the increment's mean (None: the diffusion networks model it all)."""
+        if self.regression is None:
+            return None
+        net = UNetLite(NetworkConfig.from_dict(dict(self.regression["network"])))
+        net.load_state_dict(self.regression["state_dict"])
+        return Regression(net.eval().requires_grad_(False), len(self.variables))
+
+    def residual_std(self) -> tuple[float, ...]:
+        """The std the diffusion networks' (standardised) target is scaled by: 1 without a regression."""
+        return tuple(self.regression["residual_std"]) if self.regression else (1.0,) * len(self.variables)
 
     def build_network(self) -> UNetLite:
         """The EDM denoiser's network (the multi-step sampler's)."""
@@ -81,9 +98,10 @@ def save_checkpoint(path: str | os.PathLike, *, network_config: NetworkConfig, s
                     variables: tuple[tuple[str, str, str], ...], grid_shape: tuple[int, ...],
                     periodic: tuple[bool, ...], static: tuple[str, ...], dt_seconds: float,
                     stats: dict[str, tuple[float, ...]], training: dict | None = None,
-                    single_step: dict | None = None, smoothing_order: int = 0) -> Path:
+                    single_step: dict | None = None, smoothing_order: int = 0, regression: dict | None = None) -> Path:
     """Write a checkpoint atomically (temporary file + rename); returns the path. `single_step`:
-    {state_dict, sigma_min, sigma_max, training} of the consistency network, when one was trained."""
+    {state_dict, sigma_min, sigma_max, training} of the consistency network, when one was trained;
+    `regression`: {network (NetworkConfig), state_dict, residual_std, training} of the mean's network."""
     payload = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "earthtwin_version": _version(),
         "network": network_config.to_dict(),
@@ -99,6 +117,12 @@ def save_checkpoint(path: str | os.PathLike, *, network_config: NetworkConfig, s
             "state_dict": {k: v.detach().to("cpu", torch.float32).clone() for k, v in single_step["state_dict"].items()},
             "sigma_min": float(single_step["sigma_min"]), "sigma_max": float(single_step["sigma_max"]),
             "training": dict(single_step.get("training", {}))}
+    if regression is not None:
+        payload["regression"] = {
+            "network": regression["network"].to_dict(),
+            "state_dict": {k: v.detach().to("cpu", torch.float32).clone() for k, v in regression["state_dict"].items()},
+            "residual_std": [float(v) for v in regression["residual_std"]],
+            "training": dict(regression.get("training", {}))}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -171,7 +195,29 @@ def _load_cached(path: str, mtime_ns: int, size: int) -> Checkpoint:
            f"smoothing_order {order!r} must be an even integer >= 0")
     return Checkpoint(str(p), net_cfg, dict(raw["state_dict"]), float(raw["sigma_data"]), variables, shape, periodic,
                       static, dt, stats, str(raw.get("earthtwin_version", "unknown")), dict(raw.get("training", {})),
-                      single, order)
+                      single, order, _check_regression(p, raw.get("regression"), net_cfg, nvar))
+
+
+def _check_regression(p: Path, entry: Any, net_cfg: NetworkConfig, nvar: int) -> dict | None:
+    """The regression entry, checked: its network reads the denoiser's condition over the same halo and
+    alignment (so it tiles with it), its weights fit, its residual stds are positive."""
+    if entry is None:
+        return None
+    _check(isinstance(entry, dict) and {"network", "state_dict", "residual_std"} <= set(entry), p,
+           "malformed regression entry")
+    try:
+        cfg = NetworkConfig.from_dict(dict(entry["network"]))
+    except (TypeError, ValueError) as e:
+        raise CheckpointMismatch(f"{p}: unknown regression network keys ({str(e).splitlines()[0]})") from None
+    a, b = UNetLite(cfg), UNetLite(net_cfg)
+    _check((cfg.in_channels, cfg.out_channels) == (net_cfg.in_channels, net_cfg.out_channels)
+           and (a.receptive_halo, a.alignment) == (b.receptive_halo, b.alignment), p,
+           "the regression network's channels, halo or alignment differ from the denoiser's")
+    _check_weights(p, cfg, entry["state_dict"], "regression weights")
+    rstd = [float(v) for v in entry["residual_std"]]
+    _check(len(rstd) == nvar and all(math.isfinite(v) and v > 0 for v in rstd), p,
+           f"regression residual_std must be {nvar} positive numbers")
+    return {**entry, "residual_std": tuple(rstd)}
 
 
 def _check_weights(p: Path, net_cfg: NetworkConfig, state_dict: Any, what: str) -> None:

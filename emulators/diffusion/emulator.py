@@ -3,8 +3,11 @@
 One step of Δ seconds (the checkpoint's `dt_seconds`): standardise the state per variable, sample the
 standardised Δ-increment conditioned on the standardised state (and static channels) — by the EDM
 stochastic Heun sampler (`heun`, 2N − 1 denoiser calls) or by one call of the distilled, CRPS-tuned
-consistency network (`single_step`, f(σ_max z, σ_max)) — then x(t + Δ) = x(t) + inc_mean + inc_std · increment. Predicting the increment rather than
-the state keeps the target small and near σ_d = 1, and makes persistence the zero of the network.
+consistency network (`single_step`, f(σ_max z, σ_max)) — then x(t + Δ) = x(t) + inc_mean + inc_std · increment.
+Predicting the increment rather than the state keeps the target small and near σ_d = 1, and makes
+persistence the zero of the network. A checkpoint with a regression network R of the increment's mean
+(`emulators.diffusion.regression`) samples only the residual: increment = R(x) + residual_std · sample;
+R reads the same padded condition, so it tiles, wraps and exchanges halos with the denoiser.
 
 Locality: the network consumes a halo of `receptive_halo` points and needs tiles aligned to
 `alignment` points; each denoiser evaluation exchanges a halo of `halo` points through the domain
@@ -107,6 +110,10 @@ class DiffusionEmulator:
                                             ckpt.single_step["sigma_min"])
         else:
             self.model = Precond(ckpt.build_network().to(dtype), ckpt.sigma_data)
+        self.regression = ckpt.build_regression()
+        if self.regression is not None:
+            self.regression = self.regression.to(dtype)
+        self.residual_std = torch.tensor(ckpt.residual_std(), dtype=dtype).view(-1, 1, 1)
         self.receptive_halo = self.model.net.receptive_halo
         self.alignment = self.model.net.alignment
         self.streams = Streams(config.seed)
@@ -120,6 +127,8 @@ class DiffusionEmulator:
         whole = all(s.start == 0 and s.stop == n for s, n in zip(domain.local_slices, self.grid.shape))
         self.wrap = whole and self.model.net.can_wrap(self.grid.shape, self.grid.periodic)
         self.model.net.wrap = self.wrap
+        if self.regression is not None:
+            self.regression.net.wrap = self.wrap
         self._local = self._plan(domain.local_slices, 0 if self.wrap else width)
         self.halo = 0 if self.wrap else width
         order = config.smoothing_order
@@ -240,8 +249,13 @@ class DiffusionEmulator:
         else:
             inc = heun_sample(denoise, noise, steps=c.steps, sigma_min=c.sigma_min, sigma_max=c.sigma_max,
                               rho=c.rho, churn=c.churn)
+        inc = self._mean(cond, keep) + self.residual_std * inc
         return shapiro(x + self.inc_mean + self.inc_std * inc, self.smoothing_order, self.grid.periodic,
                        self.domain.exchange_halo)
+
+    def _mean(self, cond: torch.Tensor, keep: tuple[slice, ...]) -> torch.Tensor | float:
+        """The regression network's standardised increment on this subdomain (0 without one)."""
+        return 0.0 if self.regression is None else self.regression(cond)[(..., *keep)]
 
     # ------------------------------------------------------------ learned inpainting
 
@@ -280,7 +294,8 @@ class DiffusionEmulator:
             return self.domain.exchange_halo(z, width)[(..., *read)]
 
         cond = torch.cat([pad((previous - self.mean) / self.std), static.expand(members, *static.shape)], dim=1)
-        target = (field - previous - self.inc_mean) / self.inc_std
+        mean = self._mean(cond, keep)
+        target = ((field - previous - self.inc_mean) / self.inc_std - mean) / self.residual_std
         levels = self.config.inpaint_levels
         noise = self._noise_fn(key, members, self.domain, "repaint")
         x = noise(0) * levels[0]
@@ -289,7 +304,7 @@ class DiffusionEmulator:
             clean = torch.where(known, target, clean)
             if k + 1 < len(levels):
                 x = clean + levels[k + 1] * noise(k + 1)
-        return torch.where(known, field, previous + self.inc_mean + self.inc_std * clean)
+        return torch.where(known, field, previous + self.inc_mean + self.inc_std * (mean + self.residual_std * clean))
 
     def _noise_fn(self, key: int, members: int, domain: Decomposition, purpose: str = "sampler",
                   first_member: int = 0, variant: int = 0) -> Callable[[int], torch.Tensor]:
