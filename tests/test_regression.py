@@ -22,8 +22,8 @@ def regression_entry(config=WIDE, residual_std=RSTD, seed=3):
 
 
 def test_residual_step_is_the_mean_plus_the_scaled_sample(tmp_path):
-    """With a regression R: step = x + inc_mean + inc_std · (R(cond) + residual_std · sample), the sample
-    the same checkpoint without R draws; the entry round-trips."""
+    """With a regression R: step = x + inc_mean + inc_std · (R(cond) + s · residual_std · sample), the sample
+    the same checkpoint without R draws, s the residual_scale (1); the entry round-trips."""
     plain_path = write_checkpoint(tmp_path / "p.pt")
     path = write_checkpoint(tmp_path / "r.pt", regression=regression_entry())
     ck = load_checkpoint(path)
@@ -43,6 +43,13 @@ def test_residual_step_is_the_mean_plus_the_scaled_sample(tmp_path):
     rstd = torch.tensor(RSTD, dtype=torch.float64).view(-1, 1, 1)
     expected = x + inc_mean + inc_std * (mean + rstd * sample)
     torch.testing.assert_close(residual.step(x, 21600.0), expected, atol=1e-9, rtol=1e-9)
+    # residual_scale s trims the sample: s = 0 is the regression's deterministic step
+    for scale in (0.0, 0.5):
+        scaled = make_emulator(path, residual_scale=scale).step(x, 21600.0)
+        torch.testing.assert_close(scaled, x + inc_mean + inc_std * (mean + scale * rstd * sample),
+                                   atol=1e-9, rtol=1e-9)
+    with pytest.raises(CheckpointMismatch, match="residual_scale 0.5 needs a checkpoint with a regression"):
+        make_emulator(plain_path, residual_scale=0.5)
 
 
 def test_bad_regression_entries_are_one_line_errors(tmp_path):

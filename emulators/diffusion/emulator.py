@@ -93,6 +93,9 @@ class DiffusionEmulator:
             "min": 1, "help": "symmetries: members: each member's step is the mean of this many conjugated "
                               "samples (g_m, g_(m+G/k), ...; k divides G; k network calls), which trims the "
                               "spread the variants add (SQG: 2 keeps spread/skill near 1, 12 h error -12 %)"})
+        residual_scale: float = field(default=1.0, metadata={
+            "min": 0, "help": "checkpoints with a regression: the sampled residual is scaled by this (1: as "
+                              "trained; < 1 trims an overdispersive ensemble toward the regression's mean)"})
 
     time_unit_seconds = 1.0
 
@@ -113,6 +116,9 @@ class DiffusionEmulator:
         self.regression = ckpt.build_regression()
         if self.regression is not None:
             self.regression = self.regression.to(dtype)
+        if config.residual_scale != 1.0 and self.regression is None:
+            raise CheckpointMismatch(f"{ckpt.path}: residual_scale {config.residual_scale} needs a checkpoint "
+                                     "with a regression; this one has none")
         self.residual_std = torch.tensor(ckpt.residual_std(), dtype=dtype).view(-1, 1, 1)
         self.receptive_halo = self.model.net.receptive_halo
         self.alignment = self.model.net.alignment
@@ -249,7 +255,7 @@ class DiffusionEmulator:
         else:
             inc = heun_sample(denoise, noise, steps=c.steps, sigma_min=c.sigma_min, sigma_max=c.sigma_max,
                               rho=c.rho, churn=c.churn)
-        inc = self._mean(cond, keep) + self.residual_std * inc
+        inc = self._mean(cond, keep) + c.residual_scale * self.residual_std * inc
         return shapiro(x + self.inc_mean + self.inc_std * inc, self.smoothing_order, self.grid.periodic,
                        self.domain.exchange_halo)
 

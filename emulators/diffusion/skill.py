@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sigma-max", type=float, default=20.0)
     p.add_argument("--symmetries", default="none", choices=SYMMETRIES, help="members: conjugated members")
     p.add_argument("--symmetry-mean", type=int, default=1, help="conjugated samples averaged per member")
+    p.add_argument("--residual-scale", type=float, default=1.0, help="scale of the sampled residual")
     p.add_argument("--rollout-days", type=float, default=0.0, help="free run length (0: none)")
     p.add_argument("--bands", type=int, nargs="*", default=[],
                    help="wavenumber edges: the mean's and persistence's RMSE per band, e.g. --bands 4 10 16 22")
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     cfg = DiffusionEmulator.Config(checkpoint=args.checkpoint, sampler=args.sampler, steps=args.steps,
                                    churn=args.churn, sigma_max=args.sigma_max, symmetries=args.symmetries,
-                                   symmetry_mean=args.symmetry_mean)
+                                   symmetry_mean=args.symmetry_mean, residual_scale=args.residual_scale)
     em = DiffusionEmulator(cfg, SerialDomain(DiffusionEmulator.global_grid(cfg)), torch.float32)
     truth_cfg = model_registry["sqg"].Config(size=em.grid.shape[0])
     stride = round(2 * 86400 / em.dt)
