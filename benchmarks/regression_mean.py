@@ -12,7 +12,12 @@ elements of the SQG model, bfloat16 autocast where the CPU has it; first 1-step 
 rollouts (batch 8) scored at both steps; `--perturb` perturbs the starts. Every 500 iterations, and at
 the end, it prints the RMSE (K) at 6 and 12 h from 48 held-out starts, next to persistence's and the
 checkpoint's single-step 8-member ensemble mean on the same starts. Every step goes through the
-checkpoint's Shapiro filter.
+checkpoint's Shapiro filter. `--bands` adds the 12 h RMSE per total-wavenumber band.
+
+`--physics SIZE:DT` probes a hybrid: the SQG model on a coarse SIZE x SIZE grid (time step DT s) steps the
+spectrally truncated state by Δ, its increment (the coarse scales' tendency, the fine scales persisting)
+takes the network's noisy-input channels, and the network predicts the correction to it
+(`benchmarks/coarse_physics.py` measures the coarse model alone).
 """
 from __future__ import annotations
 
@@ -23,12 +28,15 @@ from pathlib import Path
 
 import torch
 
+from assim.metrics import band_mse
+from coarse_physics import resample
 from emulators.diffusion.checkpoint import load_checkpoint
 from emulators.diffusion.consistency import ConsistencyPrecond, one_step_sample
 from emulators.diffusion.emulator import static_fields
 from emulators.diffusion.network import UNetLite
 from emulators.diffusion.smoothing import shapiro
 from emulators.sqg import SQG
+from twin.domain import SerialDomain
 from twin.train import AugmentConfig, native_bfloat16
 from twin.trainpairs import periodic_pad
 from twin.trainstages import _lr, perturbation
@@ -45,6 +53,8 @@ def main() -> None:
                     "stage, std uniform in [0, PERTURB] state stds per pair; the target stays the truth")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save", help="write the EMA network's state_dict here")
+    ap.add_argument("--physics", metavar="SIZE:DT", help="hybrid: condition on a coarse SQG forecast")
+    ap.add_argument("--bands", type=int, nargs="*", default=[4, 10, 16, 22], help="wavenumber band edges")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ck = load_checkpoint(args.checkpoint)
@@ -60,8 +70,23 @@ def main() -> None:
     def finish(x: torch.Tensor, inc: torch.Tensor) -> torch.Tensor:
         return shapiro(x + inc_mean + inc_std * inc.float(), ck.smoothing_order, (True, True), periodic_pad)
 
+    physics_increment = lambda x: torch.zeros_like(x)  # noqa: E731
+    if args.physics:
+        size, dt = int(args.physics.split(":")[0]), float(args.physics.split(":")[1])
+        config = SQG.Config(size=size, dt=dt)
+        coarse = SQG(config, SerialDomain(SQG.global_grid(config)), torch.float64)
+        substeps = round(ck.dt_seconds / dt)
+
+        @torch.no_grad()
+        def physics_increment(x: torch.Tensor) -> torch.Tensor:
+            """The coarse model's standardised Δ-increment of x (0 beyond its wavenumbers)."""
+            c = resample(x.double(), size)
+            change = resample(coarse.integrate(c, substeps) - c, x.shape[-1]).float()
+            return (change - inc_mean) / inc_std
+
     def regression_step(net: UNetLite, x: torch.Tensor) -> torch.Tensor:
-        return finish(x, net(torch.cat([torch.zeros_like(x), cond_of(x)], 1), torch.zeros(len(x))))
+        prior = physics_increment(x.detach().float())
+        return finish(x, prior + net(torch.cat([prior.to(x.dtype), cond_of(x)], 1), torch.zeros(len(x))))
 
     starts = [(r, s) for r in range(val.shape[0]) for s in range(10, val.shape[1] - 2, 12)]
     start = torch.stack([val[r, s] for r, s in starts])
@@ -72,11 +97,13 @@ def main() -> None:
 
     @torch.no_grad()
     def scores(step, members: int = 1) -> list[float]:
+        """RMSE at 6 and 12 h, then the 12 h RMSE per band."""
         x, out = start.repeat(members, 1, 1, 1), []
         for k in range(2):
             x = torch.cat([step(x[i:i + 16]) for i in range(0, len(x), 16)])
             out.append(rmse(x.view(members, len(start), *x.shape[1:]).mean(0), truth[k]))
-        return out
+        error = x.view(members, len(start), *x.shape[1:]).mean(0) - truth[1]
+        return out + [float(v) for v in band_mse(error.double(), args.bands).flatten(0, -2).mean(0).sqrt()]
 
     single = ConsistencyPrecond(ck.build_single_step_network(), ck.sigma_data, ck.single_step["sigma_min"])
     single.net.wrap = True
@@ -86,6 +113,9 @@ def main() -> None:
                                                   sigma_max, cond_of(x), periodic_pad))
     print(f"RMSE (K) at 6 / 12 h from {len(start)} held-out starts")
     print("persistence:", [round(rmse(start, t), 3) for t in truth])
+    if args.physics:
+        print(f"coarse SQG {args.physics} alone:",
+              [round(v, 3) for v in scores(lambda x: finish(x, physics_increment(x)))], flush=True)
     v6_scores = [round(v, 3) for v in scores(sampled, 8)]
     print(f"{Path(ck.path).name} single-step, 8-member mean:", v6_scores, flush=True)
 

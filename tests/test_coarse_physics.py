@@ -25,7 +25,8 @@ def test_refine_then_coarsen_is_the_identity_on_resolved_modes(n, factor, seed):
 
 
 def test_coarsening_keeps_the_long_waves_and_drops_the_short_ones():
-    y, x = torch.meshgrid(torch.arange(32, dtype=torch.float64), torch.arange(32, dtype=torch.float64), indexing="ij")
+    axis = torch.arange(32, dtype=torch.float64)
+    y, x = torch.meshgrid(axis, axis, indexing="ij")
     long_wave = torch.cos(2 * torch.pi * 3 * x / 32) * torch.sin(2 * torch.pi * 2 * y / 32)
     short_wave = torch.cos(2 * torch.pi * 12 * x / 32)
     coarse = resample(long_wave + short_wave, 16)

@@ -117,8 +117,8 @@ class DiffusionEmulator:
         if self.regression is not None:
             self.regression = self.regression.to(dtype)
         if config.residual_scale != 1.0 and self.regression is None:
-            raise CheckpointMismatch(f"{ckpt.path}: residual_scale {config.residual_scale} needs a checkpoint "
-                                     "with a regression; this one has none")
+            raise CheckpointMismatch(f"{ckpt.path}: residual_scale {config.residual_scale} needs a "
+                                     "checkpoint with a regression; this one has none")
         self.residual_std = torch.tensor(ckpt.residual_std(), dtype=dtype).view(-1, 1, 1)
         self.receptive_halo = self.model.net.receptive_halo
         self.alignment = self.model.net.alignment
