@@ -42,8 +42,9 @@ def resample(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.fft.irfft2(out, s=(n, n), norm="forward")
 
 
-def band_rmse(error: torch.Tensor) -> list[float]:
-    return [float(v) for v in band_mse(error.double(), EDGES).flatten(0, -2).mean(0).sqrt()]
+def band_rmse(error: torch.Tensor, edges: tuple[int, ...] | list[int] = EDGES) -> list[float]:
+    """RMSE per total-wavenumber band of fields (..., y, x), over all leading dimensions."""
+    return [float(v) for v in band_mse(error.double(), edges).flatten(0, -2).mean(0).sqrt()]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,9 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     sqg = model_registry["sqg"]
-    truth = truth_runs("sqg", sqg.Config(size=64), list(range(args.seed, args.seed + args.runs)), 50 * 86400,
-                       STEP_S, round((args.inits - 1) * STRIDE_S / STEP_S) + round(LEAD_S / STEP_S) + 1)
     stride, lead = round(STRIDE_S / STEP_S), round(LEAD_S / STEP_S)
+    truth = truth_runs("sqg", sqg.Config(size=64), list(range(args.seed, args.seed + args.runs)), 50 * 86400,
+                       STEP_S, (args.inits - 1) * stride + lead + 1)
     starts = truth[:, 0:args.inits * stride:stride].reshape(-1, 2, 64, 64)
     verifying = truth[:, lead:lead + args.inits * stride:stride].reshape(-1, 2, 64, 64)
     persistence = band_rmse(starts - verifying)

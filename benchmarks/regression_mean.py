@@ -28,8 +28,7 @@ from pathlib import Path
 
 import torch
 
-from assim.metrics import band_mse
-from coarse_physics import resample
+from coarse_physics import band_rmse, resample
 from emulators.diffusion.checkpoint import load_checkpoint
 from emulators.diffusion.consistency import ConsistencyPrecond, one_step_sample
 from emulators.diffusion.emulator import static_fields
@@ -103,7 +102,7 @@ def main() -> None:
             x = torch.cat([step(x[i:i + 16]) for i in range(0, len(x), 16)])
             out.append(rmse(x.view(members, len(start), *x.shape[1:]).mean(0), truth[k]))
         error = x.view(members, len(start), *x.shape[1:]).mean(0) - truth[1]
-        return out + [float(v) for v in band_mse(error.double(), args.bands).flatten(0, -2).mean(0).sqrt()]
+        return out + band_rmse(error, args.bands)
 
     single = ConsistencyPrecond(ck.build_single_step_network(), ck.sigma_data, ck.single_step["sigma_min"])
     single.net.wrap = True
